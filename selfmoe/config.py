@@ -1,0 +1,356 @@
+"""Typed configuration: one dataclass schema, layered YAML files and ``key=value`` overrides.
+
+Layers, later wins::
+
+    configs/base.yaml
+    configs/trainer/<trainer>.yaml     (selected by ``trainer=<name>``, default from base.yaml)
+    configs/model/<model>.yaml         (selected by ``model=<name>``)
+    configs/phase/<phase>.yaml         (the CLI verb)
+    key=value overrides from the command line
+
+Every layer file is a partial *root* config, so a model preset may also adjust other sections
+(the tiny model shrinks the generation volume). Domain files ``configs/domain/<name>.yaml`` each
+hold one :class:`DomainConfig` and are all loaded under ``domains.<name>``: adding a domain is
+adding a file. Unknown keys and values of the wrong type fail at load time with the key named;
+cross-field checks live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from selfmoe.errors import ConfigError
+
+CONFIG_DIR = Path(os.environ.get("SELFMOE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+PHASES = ("generate", "expert")
+ALL_DOMAINS = "all"  # the union of every domain: the instance-merging baseline
+LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # slug: outputs/<name>/...
+    path: str = "tiny"  # hub id, local directory, or "tiny" (built in)
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    template: str = "alpaca"  # alpaca | chat (the tokenizer's chat template)
+    max_length: int = 1024
+    lora_targets: list[str] = field(default_factory=lambda: list(LINEAR_TARGETS))
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
+class TinyConfig:
+    """Shape and pretraining of the built-in smoke-scale model (used when model.path == 'tiny')."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position: int = 4096
+    pretrain_steps: int = 250
+    pretrain_batch_size: int = 16
+    pretrain_seq_len: int = 256
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class SeedSourceConfig:
+    path: str | None = None  # hub dataset id, local file/dir, or pkg://seeds/<file>
+    name: str | None = None  # HF dataset config
+    split: str = "train"
+    format: str = "plain"  # plain | mmlu | bbh | gsm8k | mbpp
+    fields: dict[str, str] = field(default_factory=dict)  # role -> source column
+    subsets: list[str] = field(default_factory=list)  # e.g. BBH tasks
+
+
+@dataclass
+class SeedsConfig:
+    hub: SeedSourceConfig = field(default_factory=SeedSourceConfig)  # the paper's source
+    local: SeedSourceConfig = field(default_factory=SeedSourceConfig)  # shipped, offline
+    count: int = 100
+
+
+@dataclass
+class BrainstormConfig:
+    header: str = ""
+    requirements: list[str] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChecksConfig:
+    """Length and format checks on generated items (regexes are searched with re.S)."""
+
+    min_instruction_words: int = 3
+    max_instruction_words: int = 300
+    instruction_pattern: str | None = None
+    min_response_words: int = 1
+    max_response_words: int = 1000
+    response_pattern: str | None = None
+
+
+@dataclass
+class EvalTaskConfig:
+    task: str = ""
+    num_fewshot: int = 0
+
+
+@dataclass
+class DomainConfig:
+    name: str = ""
+    description: str = ""
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
+    brainstorm: BrainstormConfig = field(default_factory=BrainstormConfig)
+    response_system: str = ""
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    num_examples: int = 5000
+    eval_tasks: list[EvalTaskConfig] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Self-generation (`generate` phase) settings shared by all domains."""
+
+    seed_source: str = "local"  # local (shipped seeds) | hub (the paper's datasets)
+    num_examples: int | None = None  # overrides every domain's num_examples
+    batch_size: int = 16
+    brainstorm_demos: int = 3
+    response_demos: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.98
+    max_new_tokens_brainstorm: int = 512
+    max_new_tokens_response: int = 512
+    max_prompt_tokens: int = 2048  # longer prompts get fewer demonstrations
+    max_brainstorm_batches: int | None = None  # stop brainstorming after this many batches
+    rouge_threshold: float = 0.7
+    val_fraction: float = 0.05
+    on_bad_line: str = "error"  # error | skip (broken lines in seed/data jsonl)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """Expert (LoRA) training: PAPER.md §1.2."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: int = 3
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    val_check_interval: float = 1.0
+    checkpoint_every_n_steps: int = 0  # 0: at every epoch end only
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    logger: str = "csv"  # csv | tensorboard | wandb | none
+    wandb_project: str = "selfmoe"
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    phase: str = "generate"
+    domain: str = "math"
+    output_dir: str = "outputs"
+    seed: int = 0
+    force: bool = False  # redo a phase whose artifact already exists
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    expert: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The domain(s) this run works on: one, or every configured domain for ``all``."""
+        return sorted(self.domains) if self.domain == ALL_DOMAINS else [self.domain]
+
+
+SELECTORS = ("model", "trainer")  # `model=gemma-7b` picks a file; `model.dtype=...` sets a field
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}. Fix the file's syntax.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+def available(kind: str) -> list[str]:
+    """Names of the preset files under configs/<kind>/."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def _layer(kind: str, name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} {name!r}: no {path}. Available: {', '.join(available(kind))}.")
+    return _read_yaml(path)
+
+
+def _merge(schema: DictConfig, layer: dict[str, Any] | DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid value or unknown key {key!r}: {reason}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    selected: dict[str, str] = {}
+    rest: list[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. `domain=math` or `expert.lr=1e-4`).")
+        key, value = item.split("=", 1)
+        if key in SELECTORS:
+            selected[key] = value
+        else:
+            rest.append(item)
+    return selected, rest
+
+
+def load_config(phase: str, overrides: list[str] | None = None) -> Config:
+    """Compose the config for ``phase`` from the layered YAML files and ``key=value`` overrides."""
+    selected, dotted = _parse_overrides(list(overrides or []))
+    base = _read_yaml(CONFIG_DIR / "base.yaml")
+    defaults = base.pop("defaults", {}) or {}
+    cfg = OmegaConf.structured(Config)
+    cfg = _merge(cfg, base, "configs/base.yaml")
+    for kind in ("trainer", "model"):
+        name = selected.get(kind, defaults.get(kind))
+        if name:
+            cfg = _merge(cfg, _layer(kind, name), f"configs/{kind}/{name}.yaml")
+    for name in available("domain"):
+        cfg = _merge(cfg, {"domains": {name: _layer("domain", name)}}, f"configs/domain/{name}.yaml")
+    if (CONFIG_DIR / "phase" / f"{phase}.yaml").is_file():
+        cfg = _merge(cfg, _layer("phase", phase), f"configs/phase/{phase}.yaml")
+    cfg.phase = phase
+    try:
+        cli = OmegaConf.from_dotlist(dotted)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {dotted}: {exc}") from None
+    cfg = _merge(cfg, cli, "command line")
+    try:
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
+    validate(obj)
+    return obj
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key and the fix."""
+    known = sorted(cfg.domains)
+    _check(
+        cfg.domain == ALL_DOMAINS or cfg.domain in cfg.domains,
+        f"unknown domain {cfg.domain!r}: choose one of {known} or {ALL_DOMAINS!r}, "
+        "or add configs/domain/<name>.yaml (see README, 'Adding a domain').",
+    )
+    for name, dom in cfg.domains.items():
+        _check(dom.name == name, f"configs/domain/{name}.yaml: name {dom.name!r} must equal the file name {name!r}.")
+        _check(dom.num_examples > 0, f"domains.{name}.num_examples must be > 0.")
+        _check(dom.seeds.count > 0, f"domains.{name}.seeds.count must be > 0.")
+    _check(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype={cfg.model.dtype!r}: use float32, bfloat16 or float16.",
+    )
+    _check(cfg.model.template in ("alpaca", "chat"), f"model.template={cfg.model.template!r}: use alpaca or chat.")
+    _check(bool(cfg.model.lora_targets), "model.lora_targets is empty: name the linear modules to adapt.")
+    d = cfg.data
+    _check(d.seed_source in ("local", "hub"), f"data.seed_source={d.seed_source!r}: use local or hub.")
+    _check(d.on_bad_line in ("error", "skip"), f"data.on_bad_line={d.on_bad_line!r}: use error or skip.")
+    _check(0.0 < d.rouge_threshold <= 1.0, f"data.rouge_threshold={d.rouge_threshold}: must be in (0, 1].")
+    _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1).")
+    _check(d.batch_size > 0, "data.batch_size must be > 0.")
+    _check(d.temperature > 0 and 0 < d.top_p <= 1, "data.temperature must be > 0 and data.top_p in (0, 1].")
+    _check(d.num_examples is None or d.num_examples > 0, "data.num_examples must be > 0 (or null).")
+    _check(
+        min(d.max_new_tokens_brainstorm, d.max_new_tokens_response, d.max_prompt_tokens) > 0,
+        "data.max_new_tokens_brainstorm, data.max_new_tokens_response and data.max_prompt_tokens must be > 0.",
+    )
+    e = cfg.expert
+    _check(e.lora.r > 0 and e.lora.alpha > 0, "expert.lora.r and expert.lora.alpha must be > 0.")
+    _check(0.0 <= e.lora.dropout < 1.0, "expert.lora.dropout must be in [0, 1).")
+    _check(e.lr > 0 and e.epochs > 0, "expert.lr and expert.epochs must be > 0.")
+    _check(0.0 <= e.warmup_ratio < 1.0, "expert.warmup_ratio must be in [0, 1).")
+    world = world_size(cfg.trainer)
+    per_step = e.micro_batch_size * world
+    _check(
+        e.global_batch_size % per_step == 0,
+        f"expert.global_batch_size={e.global_batch_size} must be a multiple of micro_batch_size x world size "
+        f"= {e.micro_batch_size} x {world}; change expert.micro_batch_size or the device count.",
+    )
+    t = cfg.trainer
+    _check(
+        t.logger in ("csv", "tensorboard", "wandb", "none"),
+        f"trainer.logger={t.logger!r}: use csv, tensorboard, wandb or none.",
+    )
+    _check(t.devices > 0 and t.num_nodes > 0, "trainer.devices and trainer.num_nodes must be > 0.")
+
+
+def world_size(trainer: TrainerConfig) -> int:
+    return trainer.devices * trainer.num_nodes
+
+
+def grad_accumulation(cfg: Config) -> int:
+    """Micro-batches per optimizer step, so the global batch is the same at any world size."""
+    return cfg.expert.global_batch_size // (cfg.expert.micro_batch_size * world_size(cfg.trainer))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config, as written next to every artifact."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def fingerprint(cfg: Config, *sections: str) -> dict[str, Any]:
+    """The plain-dict content of the named config sections (what an artifact depends on)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    out: dict[str, Any] = {}
+    for dotted in sections:
+        node: Any = container
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out

@@ -1,0 +1,100 @@
+"""Batched text generation with a HF causal LM: left padding, stop strings, throughput.
+
+A thin layer over ``model.generate`` that returns each completion's text, whether it ended on
+its own (EOS or a stop string) or was cut by the token limit, and how many tokens it took.
+Sampling is seeded per call without touching the global RNG state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    complete: bool  # ended by EOS or a stop string, not by max_new_tokens
+    num_tokens: int
+
+
+@dataclass
+class Throughput:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class TextGenerator:
+    """Generate completions for batches of prompts with one model."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.throughput = Throughput()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_strings: Sequence[str] = (),
+    ) -> list[Completion]:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        enc = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        # top_k=0 switches off the top-50 default of many generation configs: PAPER §1.1 samples
+        # with temperature and top-p only.
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if do_sample
+            else {"do_sample": False}
+        )
+        stops = {"stop_strings": list(stop_strings), "tokenizer": tok} if stop_strings else {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **sampling,
+                **stops,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        results = [self._completion(ids, max_new_tokens, stop_strings) for ids in new]
+        self.throughput.tokens += sum(c.num_tokens for c in results)
+        self.throughput.seconds += elapsed
+        return results
+
+    def _completion(self, ids: list[int], max_new_tokens: int, stop_strings: Sequence[str]) -> Completion:
+        eos = self.tokenizer.eos_token_id
+        ended = eos in ids
+        body = ids[: ids.index(eos)] if ended else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        stopped = len(body) < max_new_tokens or any(s in text for s in stop_strings)
+        return Completion(text=text, complete=ended or stopped, num_tokens=len(body) + int(ended))

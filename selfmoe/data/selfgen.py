@@ -1,0 +1,216 @@
+"""Self-specialization data: the base model writes a domain's training set (PAPER §1.1).
+
+1. Brainstorming: a domain header plus ``brainstorm_demos`` random seeds as "Task 1..k", then the
+   open header "Task k+1:"; the model continues the list (temperature 1.0, top-p 0.98). Every
+   complete task it writes is a candidate instruction; candidates pass the instruction filters
+   (length, format, seed copy, exact and ROUGE-L near-duplicates) until the target count is met.
+2. Responses: ``response_demos`` random seed pairs as demonstrations under a "you are a <domain>
+   expert" system line, then the new instruction; greedy decoding, cut at the next demo marker;
+   responses pass their own length/format checks.
+
+Every drop is counted by reason, so the manifest says what each filter removed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfmoe.config import DataConfig, DomainConfig
+from selfmoe.data.filters import InstructionFilter, check_response
+from selfmoe.data.generation import TextGenerator
+from selfmoe.data.parsing import clean_response, parse_tasks
+from selfmoe.data.prompts import RESPONSE_STOPS, brainstorm_prompt, response_prompt
+from selfmoe.data.schema import Example
+
+# Brainstorming gives up after this many consecutive batches that add no instruction, so a
+# model that cannot follow the format ends the phase instead of looping forever.
+PATIENCE = 5
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class SelfGenResult:
+    items: list[Example]
+    rejected: list[Example] = field(default_factory=list)  # answered, then dropped (meta["drop"])
+    counts: Counter[str] = field(default_factory=Counter)
+    prompts_shortened: int = 0
+    brainstorm_batches: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kept": len(self.items),
+            "counts": dict(sorted(self.counts.items())),
+            "prompts_shortened": self.prompts_shortened,
+            "brainstorm_batches": self.brainstorm_batches,
+            "generated_tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
+        }
+
+
+def domain_seed(seed: int, domain: str) -> int:
+    """A per-domain RNG seed that does not depend on Python's randomised str hash."""
+    return seed * 1_000_003 + zlib.crc32(domain.encode())
+
+
+def _fit(
+    build: Callable[[list[Example]], str], demos: list[Example], gen: TextGenerator, budget: int
+) -> tuple[str, int]:
+    """Render with as many demos as fit in ``budget`` prompt tokens; returns (prompt, demos used)."""
+    for n in range(len(demos), 1, -1):  # one demo is the floor, fit or not
+        prompt = build(demos[:n])
+        if gen.count_tokens(prompt) <= budget:
+            return prompt, n
+    return build(demos[:1]), 1
+
+
+def self_generate(
+    gen: TextGenerator,
+    domain: DomainConfig,
+    seeds: Sequence[Example],
+    data: DataConfig,
+    *,
+    target: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> SelfGenResult:
+    """Generate until ``target`` items survive every filter (or brainstorming stalls)."""
+    if not seeds:
+        raise ValueError("self-generation needs at least one seed example")
+    return _SelfGeneration(gen, domain, list(seeds), data, seed=seed, progress=progress).run(target)
+
+
+class _SelfGeneration:
+    """One domain's generation run: alternates brainstorming batches and response batches.
+
+    Responses are requested as soon as a batch's worth of instructions is pending, and only as
+    many as are still needed, so items dropped at the response stage are made up for by more
+    brainstorming instead of leaving the set short.
+    """
+
+    def __init__(self, gen, domain, seeds, data, *, seed, progress) -> None:
+        self.gen, self.domain, self.seeds, self.data, self.progress = gen, domain, seeds, data, progress
+        self.rng = random.Random(domain_seed(seed, domain.name))
+        self.result = SelfGenResult(items=[])
+        checks = domain.checks
+        self.keep = InstructionFilter(
+            [s.instruction for s in seeds],
+            rouge_threshold=data.rouge_threshold,
+            min_words=checks.min_instruction_words,
+            max_words=checks.max_instruction_words,
+            pattern=checks.instruction_pattern,
+        )
+        self.pending: list[str] = []
+        self.answered = 0
+
+    def run(self, target: int) -> SelfGenResult:
+        data, result = self.data, self.result
+        tokens0, seconds0 = self.gen.throughput.tokens, self.gen.throughput.seconds
+        max_batches = data.max_brainstorm_batches or 20 * math.ceil(target / data.batch_size) + PATIENCE
+        idle = 0
+        while len(result.items) < target and result.brainstorm_batches < max_batches and idle < PATIENCE:
+            needed = target - len(result.items)
+            if len(self.pending) < needed:
+                idle = 0 if self._brainstorm() else idle + 1
+            if len(self.pending) >= min(needed, data.batch_size):
+                self._respond(needed)
+        if self.pending and len(result.items) < target:
+            self._respond(target - len(result.items))
+        result.counts["over_target"] += len(self.pending)
+        result.counts.update({k: v for k, v in self.keep.counts.items() if k != "kept"})
+        result.tokens = self.gen.throughput.tokens - tokens0
+        result.seconds = self.gen.throughput.seconds - seconds0
+        return result
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(stage, done, total)
+
+    def _brainstorm(self) -> int:
+        """One batch of brainstorming prompts; returns how many new instructions passed the filters."""
+        data, result = self.data, self.result
+        k = min(data.brainstorm_demos, len(self.seeds))
+        prompts, firsts = [], []
+        for _ in range(data.batch_size):
+            demos = self.rng.sample(self.seeds, k)
+            prompt, used = _fit(lambda d: brainstorm_prompt(self.domain, d), demos, self.gen, data.max_prompt_tokens)
+            prompts.append(prompt)
+            firsts.append(used + 1)  # the prompt ends with the open header "Task {used + 1}:"
+            result.prompts_shortened += used < k
+        outs = self.gen.generate(
+            prompts,
+            max_new_tokens=data.max_new_tokens_brainstorm,
+            do_sample=True,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            seed=self.rng.randrange(1 << 31),
+        )
+        before = len(self.pending)
+        for out, first in zip(outs, firsts, strict=True):
+            parsed = parse_tasks(out.text, first_number=first, complete=out.complete)
+            result.counts["malformed"] += parsed.malformed
+            result.counts["partial"] += parsed.partial
+            self.pending.extend(text for text in parsed.items if self.keep(text) is None)
+        result.brainstorm_batches += 1
+        self._report("brainstorm", self.keep.counts["kept"], self.keep.counts["kept"])
+        return len(self.pending) - before
+
+    def _respond(self, needed: int) -> None:
+        """Answer up to ``needed`` pending instructions (greedy, few-shot), in batches."""
+        data, result, checks = self.data, self.result, self.domain.checks
+        take, self.pending = self.pending[:needed], self.pending[needed:]
+        n_demos = min(data.response_demos, len(self.seeds))
+        for start in range(0, len(take), data.batch_size):
+            chunk = take[start : start + data.batch_size]
+            prompts = []
+            for text in chunk:
+                demos = self.rng.sample(self.seeds, n_demos)
+                prompt, used = _fit(
+                    lambda d, t=text: response_prompt(self.domain, d, t), demos, self.gen, data.max_prompt_tokens
+                )
+                prompts.append(prompt)
+                result.prompts_shortened += used < n_demos
+            outs = self.gen.generate(
+                prompts, max_new_tokens=data.max_new_tokens_response, do_sample=False, stop_strings=RESPONSE_STOPS
+            )
+            for text, out in zip(chunk, outs, strict=True):
+                response = clean_response(out.text, stop_markers=RESPONSE_STOPS)
+                reason = None if out.complete else "response_truncated"
+                reason = reason or check_response(
+                    response,
+                    min_words=checks.min_response_words,
+                    max_words=checks.max_response_words,
+                    pattern=checks.response_pattern,
+                )
+                item = Example(
+                    id=f"{self.domain.name}/gen-{self.answered:06d}",
+                    domain=self.domain.name,
+                    instruction=text,
+                    output=response,
+                    source="generated",
+                    meta={"drop": reason} if reason else {},
+                )
+                self.answered += 1
+                if reason:
+                    result.counts[reason] += 1
+                    result.rejected.append(item)
+                else:
+                    result.items.append(item)
+            self._report("respond", len(result.items), len(result.items) + len(self.pending))
+
+
+def split_train_val(items: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded shuffle split; at least one val item whenever there are two or more items."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n_val = 0 if val_fraction == 0 or len(order) < 2 else max(1, round(len(order) * val_fraction))
+    return order[n_val:], order[:n_val]

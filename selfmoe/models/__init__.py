@@ -1,0 +1,1 @@
+"""Pure torch/transformers/PEFT models: never imports Lightning."""

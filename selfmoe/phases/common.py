@@ -1,0 +1,53 @@
+"""What every phase shares: the device, skip-if-done, and the artifact's config + manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_text, versions
+from selfmoe.config import Config, fingerprint, to_yaml
+
+log = logging.getLogger("selfmoe")
+
+
+def device_for(cfg: Config) -> torch.device:
+    """Where non-Lightning work (generation) runs: the first GPU when the trainer asks for GPUs."""
+    if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def artifact_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
+    """Hash of what an artifact depends on: config sections plus input hashes."""
+    return sha256_text(
+        json.dumps({"config": fingerprint(cfg, *sections), "inputs": inputs}, sort_keys=True, default=str)
+    )
+
+
+def is_done(directory: Path, key: str, cfg: Config, what: str) -> bool:
+    """True when ``directory`` holds a finished artifact made with ``key`` (and force is off).
+
+    An artifact made from other settings or inputs is never reused: it is rebuilt, with a note.
+    """
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return False
+    if cfg.force:
+        log.info("force=true: rebuilding %s at %s", what, directory)
+        return False
+    if manifest.get("key") == key:
+        log.info("%s is up to date at %s (force=true to redo)", what, directory)
+        return True
+    log.warning("%s at %s was made with other settings or inputs: rebuilding it", what, directory)
+    return False
+
+
+def write_metadata(directory: Path, cfg: Config, manifest: dict[str, Any]) -> None:
+    """``config.yaml`` (resolved) and ``manifest.json`` (what made it) into an artifact dir."""
+    atomic_write_text(directory / "config.yaml", to_yaml(cfg))
+    atomic_write_json(directory / "manifest.json", {**manifest, "versions": versions()})

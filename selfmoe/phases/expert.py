@@ -1,0 +1,173 @@
+"""`python -m selfmoe expert domain=<d>`: train a LoRA expert on a domain's data (PAPER §1.2).
+
+Generates the domain's data first when it is missing. ``domain=all`` trains one LoRA on the
+union of every domain's data: the instance-merging baseline. Writes
+``outputs/<model>/experts/<name>/`` = a plain PEFT adapter (``adapter_config.json``,
+``adapter_model.safetensors``) + ``config.yaml`` + ``manifest.json``. Checkpoints (adapter +
+optimizer only) live in ``outputs/<model>/runs/expert-<name>/`` and a rerun resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from peft import LoraConfig, get_peft_model
+
+from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, sha256_file
+from selfmoe.config import Config, grad_accumulation, world_size
+from selfmoe.data.datamodule import SFTDataModule
+from selfmoe.models.base import load_base, model_id
+from selfmoe.phases import generate
+from selfmoe.phases.common import artifact_key, is_done, log, write_metadata
+from selfmoe.training.expert import ExpertLitModule
+from selfmoe.training.trainer import LAST, build_trainer
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXPERT_FILES = (*ADAPTER_FILES, "config.yaml", "manifest.json")
+
+
+def run(cfg: Config) -> Path:
+    data_dirs = {}
+    loaded = None
+    for domain in cfg.domain_names:
+        data_dirs[domain], loaded = generate.ensure_data(cfg, domain, loaded)
+    del loaded  # training loads its own copy of the base to wrap with PEFT
+    return train_expert(cfg, cfg.domain, data_dirs)
+
+
+def run_all(cfg: Config) -> list[Path]:
+    """`python -m selfmoe experts`: one expert per configured domain, in order."""
+    return [run(_with_domain(cfg, d)) for d in sorted(cfg.domains)]
+
+
+def _with_domain(cfg: Config, domain: str) -> Config:
+    return replace(cfg, domain=domain)
+
+
+def lora_config(cfg: Config) -> LoraConfig:
+    lora = cfg.expert.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(cfg.model.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: list[Callback] | None = None) -> Path:
+    """Train (or resume, or skip when up to date) the expert ``name`` on ``data_dirs``."""
+    layout = Layout.for_model(cfg.output_dir, cfg.model.name)
+    target = layout.expert(name)
+    data_hashes = {d: {s: sha256_file(p / f"{s}.jsonl") for s in ("train", "val")} for d, p in data_dirs.items()}
+    key = artifact_key(cfg, ("model", "expert", "seed"), base=model_id(cfg), data=data_hashes)
+    if is_done(target, key, cfg, f"expert {name!r}"):
+        return target
+    started = time.time()
+    run_dir = layout.run(f"expert-{name}")
+    resume = _resume_point(run_dir, key, cfg)
+
+    L.seed_everything(cfg.seed, workers=True)
+    base, tokenizer = load_base(cfg)
+    model = get_peft_model(base, lora_config(cfg))
+    datamodule = SFTDataModule(
+        data_dirs,
+        tokenizer,
+        template=cfg.model.template,
+        max_length=cfg.model.max_length,
+        micro_batch_size=cfg.expert.micro_batch_size,
+        balance=False,
+        seed=cfg.seed,
+        num_workers=cfg.expert.num_workers,
+        on_bad_line=cfg.data.on_bad_line,
+    )
+    module = ExpertLitModule(model, cfg.expert)
+    trainer = build_trainer(
+        cfg,
+        run_dir,
+        max_epochs=cfg.expert.epochs,
+        accumulate=grad_accumulation(cfg),
+        checkpoint_every_n_steps=cfg.expert.checkpoint_every_n_steps,
+        callbacks=callbacks,
+    )
+    state = _read_json(run_dir / "run.json")
+    if resume is None:
+        val_before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
+        state = {"key": key, "val_loss_before": val_before}
+        if trainer.is_global_zero:
+            atomic_write_json(run_dir / "run.json", state)
+    else:
+        log.info("resuming expert %r from %s", name, resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+    if trainer.is_global_zero:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            for extra in set(p.name for p in tmp.iterdir()) - set(ADAPTER_FILES):
+                _remove(tmp / extra)  # PEFT's auto-generated model card is not part of the artifact
+            write_metadata(
+                tmp,
+                cfg,
+                {
+                    "kind": "expert",
+                    "domain": name,
+                    "domains": sorted(data_dirs),
+                    "key": key,
+                    "base_model": model_id(cfg),
+                    "data": data_hashes,
+                    "train_examples": len(datamodule.datasets["train"]),
+                    "val_examples": len(datamodule.datasets["val"]),
+                    "skipped_too_long": datamodule.skipped_too_long,
+                    "trainable_params": module.num_trainable,
+                    "total_params": module.num_total,
+                    "steps": trainer.global_step,
+                    "epochs": cfg.expert.epochs,
+                    "global_batch_size": cfg.expert.global_batch_size,
+                    "world_size": world_size(cfg.trainer),
+                    "metrics": {
+                        "val_loss_before": state.get("val_loss_before"),
+                        "val_loss_after": metrics.get("val/loss"),
+                        "train_loss_last": metrics.get("train/loss"),
+                    },
+                    "seconds": round(time.time() - started, 2),
+                },
+            )
+    trainer.strategy.barrier()
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _val_loss(results: list[dict[str, float]]) -> float | None:
+    return float(results[0]["val/loss"]) if results and "val/loss" in results[0] else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:
+    """``last.ckpt`` of an interrupted run with the same key; stale checkpoints are discarded."""
+    last = run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        return None
+    if cfg.force or _read_json(run_dir / "run.json").get("key") != key:
+        log.warning("discarding checkpoints in %s: they belong to other settings (or force=true)", run_dir)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return None
+    return str(last)

@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModules of the training phases and the Trainer factory."""
