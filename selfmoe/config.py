@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfmoe.errors import ConfigError
 
-CONFIG_DIR = Path(os.environ.get("SELFMOE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PHASES = ("generate", "expert")
 ALL_DOMAINS = "all"  # the union of every domain: the instance-merging baseline
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,13 +210,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def config_dir() -> Path:
+    """The configs/ tree: ``$SELFMOE_CONFIG_DIR`` or the one in this repository."""
+    return Path(os.environ.get("SELFMOE_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+
+
 def available(kind: str) -> list[str]:
     """Names of the preset files under configs/<kind>/."""
-    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+    return sorted(p.stem for p in (config_dir() / kind).glob("*.yaml"))
 
 
 def _layer(kind: str, name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / kind / f"{name}.yaml"
+    path = config_dir() / kind / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown {kind} {name!r}: no {path}. Available: {', '.join(available(kind))}.")
     return _read_yaml(path)
@@ -248,7 +253,7 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
 def load_config(phase: str, overrides: list[str] | None = None) -> Config:
     """Compose the config for ``phase`` from the layered YAML files and ``key=value`` overrides."""
     selected, dotted = _parse_overrides(list(overrides or []))
-    base = _read_yaml(CONFIG_DIR / "base.yaml")
+    base = _read_yaml(config_dir() / "base.yaml")
     defaults = base.pop("defaults", {}) or {}
     cfg = OmegaConf.structured(Config)
     cfg = _merge(cfg, base, "configs/base.yaml")
@@ -258,7 +263,7 @@ def load_config(phase: str, overrides: list[str] | None = None) -> Config:
             cfg = _merge(cfg, _layer(kind, name), f"configs/{kind}/{name}.yaml")
     for name in available("domain"):
         cfg = _merge(cfg, {"domains": {name: _layer("domain", name)}}, f"configs/domain/{name}.yaml")
-    if (CONFIG_DIR / "phase" / f"{phase}.yaml").is_file():
+    if (config_dir() / "phase" / f"{phase}.yaml").is_file():
         cfg = _merge(cfg, _layer("phase", phase), f"configs/phase/{phase}.yaml")
     cfg.phase = phase
     try:
@@ -309,17 +314,9 @@ def validate(cfg: Config) -> None:
         min(d.max_new_tokens_brainstorm, d.max_new_tokens_response, d.max_prompt_tokens) > 0,
         "data.max_new_tokens_brainstorm, data.max_new_tokens_response and data.max_prompt_tokens must be > 0.",
     )
-    e = cfg.expert
-    _check(e.lora.r > 0 and e.lora.alpha > 0, "expert.lora.r and expert.lora.alpha must be > 0.")
-    _check(0.0 <= e.lora.dropout < 1.0, "expert.lora.dropout must be in [0, 1).")
-    _check(e.lr > 0 and e.epochs > 0, "expert.lr and expert.epochs must be > 0.")
-    _check(0.0 <= e.warmup_ratio < 1.0, "expert.warmup_ratio must be in [0, 1).")
-    world = world_size(cfg.trainer)
-    per_step = e.micro_batch_size * world
+    _check(min(d.brainstorm_demos, d.response_demos) > 0, "data.brainstorm_demos and data.response_demos must be > 0.")
     _check(
-        e.global_batch_size % per_step == 0,
-        f"expert.global_batch_size={e.global_batch_size} must be a multiple of micro_batch_size x world size "
-        f"= {e.micro_batch_size} x {world}; change expert.micro_batch_size or the device count.",
+        d.max_brainstorm_batches is None or d.max_brainstorm_batches > 0, "data.max_brainstorm_batches: > 0 or null."
     )
     t = cfg.trainer
     _check(
@@ -327,6 +324,22 @@ def validate(cfg: Config) -> None:
         f"trainer.logger={t.logger!r}: use csv, tensorboard, wandb or none.",
     )
     _check(t.devices > 0 and t.num_nodes > 0, "trainer.devices and trainer.num_nodes must be > 0.")
+    e = cfg.expert
+    _check(e.lora.r > 0 and e.lora.alpha > 0, "expert.lora.r and expert.lora.alpha must be > 0.")
+    _check(0.0 <= e.lora.dropout < 1.0, "expert.lora.dropout must be in [0, 1).")
+    _check(e.lr > 0 and e.epochs > 0, "expert.lr and expert.epochs must be > 0.")
+    _check(0.0 <= e.warmup_ratio < 1.0, "expert.warmup_ratio must be in [0, 1).")
+    _check(
+        e.global_batch_size > 0 and e.micro_batch_size > 0,
+        "expert.global_batch_size and expert.micro_batch_size must be > 0.",
+    )
+    world = world_size(t)
+    per_step = e.micro_batch_size * world
+    _check(
+        e.global_batch_size % per_step == 0,
+        f"expert.global_batch_size={e.global_batch_size} must be a multiple of micro_batch_size x world size "
+        f"= {e.micro_batch_size} x {world}; change expert.micro_batch_size or the device count.",
+    )
 
 
 def world_size(trainer: TrainerConfig) -> int:

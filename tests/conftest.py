@@ -10,10 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
@@ -36,3 +36,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Shared by the integration tests: the default tiny model and a small self-generated math set,
+# built once per session (the tiny model's pretraining dominates: about a minute on one core).
+TEST_OVERRIDES = ["data.num_examples=24", "trainer.progress_bar=false"]
+
+
+def make_config(phase: str, output_dir, *overrides: str):
+    from selfmoe.config import load_config
+
+    return load_config(phase, [f"output_dir={output_dir}", *TEST_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_outputs(tmp_path_factory) -> Path:
+    """An output_dir holding the tiny base model and generated math data (do not modify)."""
+    from selfmoe.phases import generate
+
+    out = tmp_path_factory.mktemp("tiny-outputs")
+    generate.run(make_config("generate", out, "domain=math"))
+    return out
+
+
+@pytest.fixture
+def outputs(tmp_path, tiny_outputs) -> Path:
+    """A private copy of ``tiny_outputs`` that a test may change."""
+    import shutil
+
+    dst = tmp_path / "outputs"
+    shutil.copytree(tiny_outputs, dst)
+    return dst

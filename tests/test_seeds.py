@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from selfmoe.data.schema import Example
-from selfmoe.data.seeds import SeedSource, load_seeds, mmlu_instruction, seed_ids, shipped_seed_source
+from selfmoe.data.seed_formats import mmlu_instruction
+from selfmoe.data.seeds import SeedSource, load_seeds, seed_ids, shipped_seed_source
 from selfmoe.errors import DataError, OfflineError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "seeds"

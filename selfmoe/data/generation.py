@@ -92,9 +92,12 @@ class TextGenerator:
         return results
 
     def _completion(self, ids: list[int], max_new_tokens: int, stop_strings: Sequence[str]) -> Completion:
-        eos = self.tokenizer.eos_token_id
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ended = eos in ids
         body = ids[: ids.index(eos)] if ended else ids
+        # A row that stopped on a stop string while others went on is padded after it.
+        while body and body[-1] == pad:
+            body = body[:-1]
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         stopped = len(body) < max_new_tokens or any(s in text for s in stop_strings)
         return Completion(text=text, complete=ended or stopped, num_tokens=len(body) + int(ended))

@@ -1,16 +1,9 @@
 """Seed loaders: the ~100 examples per domain that start self-specialization (PAPER.md §1.1).
 
 A seed source is a local file/directory, a hub dataset, or the seeds shipped with the package
-(``pkg://seeds/<domain>.jsonl``). Each source format has a converter that renders rows in the
-canonical per-domain format, the same format the shipped seeds use, so that seeds and
-self-generated data look alike:
-
-- knowledge (``mmlu``): ``"{question}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}"`` ->
-  ``"The answer is {letter}."``
-- reasoning (``bbh``): the task input -> ``"... So the answer is {target}."``
-- math (``gsm8k``): the question -> the worked solution ending ``"The answer is {N}."``
-- coding (``mbpp``): a HumanEval-style prompt (imports, ``def`` line, docstring with the task
-  text and ``>>>`` examples) -> the complete function; ``meta`` holds ``entry_point`` and ``tests``.
+(``pkg://seeds/<domain>.jsonl``). Its rows are read here and converted by the source format's
+converter (:mod:`selfmoe.data.seed_formats`) into the canonical per-domain format, the same
+format the shipped seeds use.
 
 Seed ids name their source row (``gsm8k/train/17``, ``bbh/navigate/3``, ``mbpp/601``), so the
 rows used as seeds can be recorded and excluded from evaluation. Sampling uses a private
@@ -19,19 +12,20 @@ rows used as seeds can be recorded and excluded from evaluation. Sampling uses a
 
 from __future__ import annotations
 
-import ast
 import gzip
 import json
 import logging
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from selfmoe.data.schema import Example, read_jsonl_report
+from selfmoe.data.seed_formats import FORMATS, ROLES, SCHEMAS, BadRow, MissingField, RowContext, convert
 from selfmoe.errors import DataError, OfflineError
 
 __all__ = [
@@ -39,44 +33,16 @@ __all__ = [
     "PKG_PREFIX",
     "SEEDS_DIR",
     "SeedSource",
-    "gsm8k_output",
-    "humaneval_prompt",
     "load_seeds",
-    "mmlu_instruction",
     "seed_ids",
     "shipped_seed_source",
 ]
 
 log = logging.getLogger(__name__)
 
-SEEDS_DIR = Path(__file__).resolve().parent / "seeds"
-PKG_PREFIX = "pkg://"
 _PKG_ROOT = Path(__file__).resolve().parent
-
-# Source columns each converter reads, by role; ``source.fields`` overrides them per role.
-_DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "plain": {"id": "id", "instruction": "instruction", "output": "output", "input": "input"},
-    "mmlu": {"question": "question", "choices": "choices", "answer": "answer", "subject": "subject"},
-    "bbh": {"input": "input", "target": "target"},
-    "gsm8k": {"question": "question", "answer": "answer"},
-    "mbpp": {
-        "task_id": "task_id",
-        "text": "text",
-        "code": "code",
-        "test_list": "test_list",
-        "test_setup_code": "test_setup_code",
-    },
-}
-_OPTIONAL_ROLES = {"input", "subject", "test_setup_code"}
-_SCHEMAS = {
-    "plain": "selfmoe Example rows: id, instruction, output (str); optional input, source, meta",
-    "mmlu": "cais/mmlu rows: question (str), choices (list of 4 str), answer (index 0-3 or letter); optional subject",
-    "bbh": 'BIG-Bench Hard: a task file {"canary": ..., "examples": [{"input", "target"}]} or rows with input, target',
-    "gsm8k": "openai/gsm8k rows: question (str), answer (str: reasoning, final line '#### N')",
-    "mbpp": "mbpp (config full) rows: task_id, text, code (str), test_list (list of assert strings); "
-    "optional test_setup_code",
-}
-FORMATS = tuple(_DEFAULT_FIELDS)
+SEEDS_DIR = _PKG_ROOT / "seeds"
+PKG_PREFIX = "pkg://"
 
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 # "owner/name" or "name": anything else (absolute, relative with dots, nested, file suffix) is a path.
@@ -119,12 +85,12 @@ def load_seeds(domain: str, source: Any, *, count: int, seed: int) -> list[Examp
     if count < 1:
         raise DataError(f"seed count for domain {domain!r} must be at least 1, got {count}")
     groups = _load_groups(spec)
-    _check_unique_ids(groups, spec.label)
+    _check_unique_ids(groups, spec.path)
     total = sum(len(g) for g in groups)
     if total == 0:
         raise DataError(
-            f"seed source {spec.label} for domain {domain!r} has no usable rows. "
-            f"Expected {_SCHEMAS[spec.format]}; fix the file or point the seed path elsewhere."
+            f"seed source {spec.path} for domain {domain!r} has no usable rows. "
+            f"Expected {SCHEMAS[spec.format]}; fix the file or point the seed path elsewhere."
         )
     if total < count:
         # The shipped seeds are deliberately few (offline smoke runs); only a real source that
@@ -132,7 +98,7 @@ def load_seeds(domain: str, source: Any, *, count: int, seed: int) -> list[Examp
         log.log(
             logging.INFO if spec.path.startswith(PKG_PREFIX) else logging.WARNING,
             "seed source %s has %d usable rows, fewer than the %d requested; using all",
-            spec.label,
+            spec.path,
             total,
             count,
         )
@@ -161,15 +127,14 @@ class _Spec:
                 "or data.seed_source=local to use the seeds shipped with selfmoe"
             )
         fmt = str(getattr(source, "format", None) or "plain").lower()
-        if fmt not in _DEFAULT_FIELDS:
+        if fmt not in ROLES:
             raise DataError(f"unknown seed format {fmt!r} for domain {domain!r}; choose one of {list(FORMATS)}")
         fields = {str(k): str(v) for k, v in dict(getattr(source, "fields", None) or {}).items()}
-        unknown = sorted(set(fields) - set(_DEFAULT_FIELDS[fmt]))
+        unknown = sorted(set(fields) - set(ROLES[fmt]))
         if unknown:
             raise DataError(
-                f"seed fields {unknown} are not roles of format {fmt!r}; its roles are {sorted(_DEFAULT_FIELDS[fmt])}"
+                f"seed fields {unknown} are not roles of format {fmt!r}; its roles are {sorted(ROLES[fmt])}"
             )
-        subsets = [str(s) for s in (getattr(source, "subsets", None) or [])]
         return cls(
             domain=domain,
             path=str(path),
@@ -177,15 +142,8 @@ class _Spec:
             split=str(getattr(source, "split", None) or "train"),
             format=fmt,
             fields=fields,
-            subsets=subsets,
+            subsets=[str(s) for s in (getattr(source, "subsets", None) or [])],
         )
-
-    @property
-    def label(self) -> str:
-        return self.path
-
-    def column(self, role: str) -> str:
-        return self.fields.get(role, _DEFAULT_FIELDS[self.format][role])
 
 
 @dataclass(frozen=True)
@@ -210,9 +168,9 @@ def _load_groups(spec: _Spec) -> list[list[Example]]:
     local = _resolve_local(spec.path)
     if local is None:
         pools = _read_hub(spec)
+    elif spec.format == "plain" and not spec.fields and local.is_file() and local.name.endswith(".jsonl"):
+        return [_read_plain_jsonl(local, spec.domain)]
     else:
-        if spec.format == "plain" and not spec.fields and local.is_file() and local.name.endswith(".jsonl"):
-            return [_read_plain_jsonl(local, spec.domain)]
         pools = _read_local(local, spec)
     return [_convert_pool(pool, spec) for pool in pools]
 
@@ -252,7 +210,7 @@ def _read_plain_jsonl(path: Path, domain: str) -> list[Example]:
     if bad:
         lines = "; ".join(f"line {n}: {why}" for n, why in bad[:10])
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-        raise DataError(f"seed file {path}: {len(bad)} broken line(s): {lines}{more}. Expected {_SCHEMAS['plain']}.")
+        raise DataError(f"seed file {path}: {len(bad)} broken line(s): {lines}{more}. Expected {SCHEMAS['plain']}.")
     return examples
 
 
@@ -389,69 +347,33 @@ def _offline_error(spec: _Spec, reason: str, config: str | None = None) -> Offli
         f"{spec.domain!r}: the Hugging Face hub is unreachable ({reason}). Use local seeds instead: "
         f"data.seed_source=local (the seeds shipped with selfmoe), or "
         f"domains.{spec.domain}.seeds.hub.path=/path/to/local/file pointing at a local copy in the hub "
-        f"schema ({_SCHEMAS[spec.format]})."
+        f"schema ({SCHEMAS[spec.format]})."
     )
 
 
 # --------------------------------------------------------------------------- converting
 
 
-class _MissingField(Exception):
-    def __init__(self, role: str, column: str) -> None:
-        super().__init__(role, column)
-        self.role, self.column = role, column
-
-
-class _BadRow(Exception):
-    """A row has the fields but a value the converter cannot use."""
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    spec: _Spec
-    task: str
-
-    def get(self, row: Mapping[str, Any], role: str) -> Any:
-        column = self.spec.column(role)
-        if column not in row or row[column] is None:
-            if role in _OPTIONAL_ROLES:
-                return None
-            raise _MissingField(role, column)
-        return row[column]
-
-    def text(self, row: Mapping[str, Any], role: str) -> str:
-        value = self.get(row, role)
-        if not isinstance(value, str):
-            raise _BadRow(f"field {self.spec.column(role)!r} must be a string, got {type(value).__name__}")
-        return value
-
-
-_Converter = Callable[[Mapping[str, Any], int, _Ctx], "Example | None"]
-
-
 def _convert_pool(pool: _Pool, spec: _Spec) -> list[Example]:
-    convert = _CONVERTERS[spec.format]
-    ctx = _Ctx(spec, pool.task)
+    ctx = RowContext(spec.format, spec.domain, spec.split, pool.task, spec.fields)
     out: list[Example] = []
-    skipped = 0
     for row in pool.rows:
         try:
             example = convert(row.data, row.index, ctx)
-        except _MissingField as exc:
+        except MissingField as exc:
             override = "" if exc.column == exc.role else f" (mapped from role {exc.role!r})"
             raise DataError(
                 f"seed source {pool.origin}, {row.where}: missing field {exc.column!r}{override} that format "
-                f"{spec.format!r} needs. Expected {_SCHEMAS[spec.format]}. Map other column names with "
+                f"{spec.format!r} needs. Expected {SCHEMAS[spec.format]}. Map other column names with "
                 f"domains.{spec.domain}.seeds.<source>.fields, e.g. {{{exc.role}: <column>}}."
             ) from None
-        except _BadRow as exc:
+        except BadRow as exc:
             raise DataError(
-                f"seed source {pool.origin}, {row.where}: {exc}. Expected {_SCHEMAS[spec.format]}."
+                f"seed source {pool.origin}, {row.where}: {exc}. Expected {SCHEMAS[spec.format]}."
             ) from None
-        if example is None:
-            skipped += 1
-        else:
+        if example is not None:
             out.append(example)
+    skipped = len(pool.rows) - len(out)
     if skipped:
         log.warning(
             "seed source %s: skipped %d of %d rows that could not be converted", pool.origin, skipped, len(pool.rows)
@@ -459,310 +381,14 @@ def _convert_pool(pool: _Pool, spec: _Spec) -> list[Example]:
     return out
 
 
-def _convert_plain(row: Mapping[str, Any], index: int, ctx: _Ctx) -> Example:
-    data = dict(row)
-    for role in _DEFAULT_FIELDS["plain"]:
-        value = ctx.get(row, role)
-        if value is not None:
-            data[role] = value
-    try:
-        return Example.from_dict(data, domain=ctx.spec.domain)
-    except (ValueError, TypeError) as exc:
-        raise _BadRow(str(exc)) from None
-
-
-# MMLU ------------------------------------------------------------------------
-
-
-def mmlu_instruction(question: str, choices: Sequence[str]) -> str:
-    """The canonical knowledge instruction: the question, then one ``"A. ..."`` line per choice."""
-    options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
-    return f"{question.strip()}\n{options}"
-
-
-def _convert_mmlu(row: Mapping[str, Any], index: int, ctx: _Ctx) -> Example:
-    row = _unwrap_mmlu(row, ctx)
-    question = ctx.text(row, "question")
-    choices = _mmlu_choices(row, ctx)
-    letter = _mmlu_letter(ctx.get(row, "answer"), len(choices))
-    subject = ctx.get(row, "subject")
-    subject = str(subject).strip() if subject else ""
-    return Example(
-        id=f"mmlu/{subject}/{index}" if subject else f"mmlu/{index}",
-        domain=ctx.spec.domain,
-        instruction=mmlu_instruction(question, choices),
-        output=f"The answer is {letter}.",
-        source="mmlu",
-        meta={"subject": subject} if subject else {},
-    )
-
-
-def _unwrap_mmlu(row: Mapping[str, Any], ctx: _Ctx) -> Mapping[str, Any]:
-    # Some cais/mmlu revisions nest auxiliary_train rows as {"train": {question, choices, ...}}.
-    column = ctx.spec.column("question")
-    if column not in row and len(row) == 1:
-        (inner,) = row.values()
-        if isinstance(inner, Mapping) and column in inner:
-            return inner
-    return row
-
-
-def _mmlu_choices(row: Mapping[str, Any], ctx: _Ctx) -> list[str]:
-    column = ctx.spec.column("choices")
-    if "," in column:
-        # Mirrors that keep one column per option (A, B, C, D): fields={choices: "A,B,C,D"}.
-        names = [c.strip() for c in column.split(",")]
-        missing = [c for c in names if c not in row]
-        if missing:
-            raise _MissingField("choices", missing[0])
-        choices = [row[c] for c in names]
-    else:
-        choices = ctx.get(row, "choices")
-    if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= 26:
-        raise _BadRow(f"field {column!r} must be a list of 2-26 options, got {choices!r}")
-    return [str(c).strip() for c in choices]
-
-
-def _mmlu_letter(answer: Any, n_choices: int) -> str:
-    if isinstance(answer, str):
-        answer = answer.strip()
-        if answer.isdigit():
-            answer = int(answer)
-        elif len(answer) == 1 and answer.isalpha():
-            answer = ord(answer.upper()) - ord("A")
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < n_choices:
-        raise _BadRow(f"answer must be an index 0-{n_choices - 1} or a letter, got {answer!r}")
-    return chr(ord("A") + answer)
-
-
-# BBH -------------------------------------------------------------------------
-
-
-def _convert_bbh(row: Mapping[str, Any], index: int, ctx: _Ctx) -> Example:
-    task = ctx.task or "bbh"
-    target = ctx.get(row, "target")
-    return Example(
-        id=f"bbh/{task}/{index}",
-        domain=ctx.spec.domain,
-        instruction=ctx.text(row, "input").strip(),
-        output=f"So the answer is {str(target).strip()}.",
-        source="bbh",
-        meta={"task": task},
-    )
-
-
-# GSM8K -----------------------------------------------------------------------
-
-_CALC = re.compile(r"<<[^<>]*>>")
-_FINAL = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.M)
-
-
-def gsm8k_output(answer: str) -> str:
-    """A GSM8K answer in the canonical math format.
-
-    Calculator annotations ``<<48/2=24>>`` are removed and the final ``#### N`` line becomes
-    ``The answer is N.`` (thousands separators dropped so N parses as a number). Raises
-    ValueError when there is no ``#### N`` line.
-    """
-    text = _CALC.sub("", answer.replace("\r\n", "\n"))
-    finals = list(_FINAL.finditer(text))
-    if not finals or not finals[-1].group(1):
-        raise ValueError("no final '#### N' line")
-    final = finals[-1]
-    number = final.group(1).replace(",", "")
-    body = "\n".join(line.rstrip() for line in text[: final.start()].strip().splitlines())
-    return f"{body}\nThe answer is {number}." if body else f"The answer is {number}."
-
-
-def _convert_gsm8k(row: Mapping[str, Any], index: int, ctx: _Ctx) -> Example:
-    question = ctx.text(row, "question").strip()
-    try:
-        output = gsm8k_output(ctx.text(row, "answer"))
-    except ValueError as exc:
-        raise _BadRow(f"field {ctx.spec.column('answer')!r}: {exc}") from None
-    return Example(
-        id=f"gsm8k/{ctx.spec.split}/{index}",
-        domain=ctx.spec.domain,
-        instruction=question,
-        output=output,
-        source="gsm8k",
-    )
-
-
-# MBPP -> HumanEval -----------------------------------------------------------
-
-
-def humaneval_prompt(
-    signature: str,
-    description: str,
-    examples: Sequence[tuple[str, str]] = (),
-    other_tests: Sequence[str] = (),
-    imports: Sequence[str] = (),
-) -> str:
-    """The canonical coding instruction, a HumanEval-style prompt.
-
-    ``imports`` (then two blank lines), the ``def`` line, and a docstring holding the
-    description, one ``>>> call`` / ``expected`` pair per example, and any other tests verbatim
-    under ``Tests:``. No trailing newline.
-    """
-    ind = "    "
-    text = description.strip().replace('"""', "'''").splitlines() or [""]
-    doc = [f'{ind}"""{text[0]}', *(_indent(line, ind) for line in text[1:])]
-    for call, expected in examples:
-        first, *rest = call.splitlines()
-        doc.append(f"{ind}>>> {first}")
-        doc.extend(f"{ind}... {line}" for line in rest)
-        doc.extend(_indent(line, ind) for line in expected.splitlines())
-    if other_tests:
-        doc += ["", f"{ind}Tests:", *(_indent(t.strip(), ind) for t in other_tests)]
-    doc.append(f'{ind}"""')
-    head = "\n".join(imports) + "\n\n\n" if imports else ""
-    return f"{head}{signature.rstrip()}\n" + "\n".join(doc)
-
-
-def _indent(line: str, ind: str) -> str:
-    return ind + line if line.strip() else ""
-
-
-def _normalize_code(code: str) -> str:
-    code = code.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
-    return "\n".join(line.rstrip() for line in code.split("\n")).strip("\n")
-
-
-def _parse(code: str) -> ast.Module | None:
-    try:
-        return ast.parse(code)
-    except SyntaxError:
-        return None
-
-
-def _top_level_defs(code: str, tree: ast.Module | None) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef | None]:
-    if tree is not None:
-        return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    # Unparsable code (a stray Python 2 line): fall back to column-0 def lines.
-    return dict.fromkeys(re.findall(r"^(?:async\s+)?def\s+([A-Za-z_]\w*)", code, re.M))
-
-
-def _called_names(test: str) -> list[str]:
-    """Names of plain function calls in ``test``, in source order."""
-    tree = _parse(test.strip())
-    if tree is None:
-        return re.findall(r"([A-Za-z_]\w*)\s*\(", test)
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-    calls.sort(key=lambda n: (n.lineno, n.col_offset))
-    return [n.func.id for n in calls]  # type: ignore[attr-defined]
-
-
-def _entry_point(tests: Sequence[str], defs: Mapping[str, Any]) -> str | None:
-    """The first function the first test calls that ``code`` defines."""
-    if not tests:
-        return None
-    return next((name for name in _called_names(tests[0]) if name in defs), None)
-
-
-def _signature(code: str, name: str, node: ast.FunctionDef | ast.AsyncFunctionDef | None) -> str | None:
-    """The entry point's ``def`` line(s) as written in ``code``."""
-    lines = code.split("\n")
-    if node is None:
-        start = next((i for i, line in enumerate(lines) if re.match(rf"(?:async\s+)?def\s+{name}\s*\(", line)), None)
-        if start is None:
-            return None
-        end = len(lines)
-    else:
-        start, end = node.lineno - 1, node.body[0].lineno - 1
-        if end == start:
-            # One-line function ("def f(x): return x"): rebuild the header from the AST.
-            returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            return f"def {name}({ast.unparse(node.args)}){returns}:"
-    # The header may span lines; it ends where "<header>\n    pass" first parses.
-    for stop in range(start + 1, end + 1):
-        header = "\n".join(lines[start:stop]).rstrip()
-        if _parse(header + "\n    pass") is not None:
-            return header
-    return None
-
-
-def _imports(code: str, tree: ast.Module | None) -> list[str]:
-    if tree is None:
-        return re.findall(r"^(?:import\s+\S.*|from\s+\S+\s+import\s+.*)$", code, re.M)
-    nodes = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    return [s for n in nodes if (s := ast.get_source_segment(code, n))]
-
-
-def _as_doctest(test: str, entry_point: str) -> tuple[str, str] | None:
-    """``assert f(args) == expected`` -> ``("f(args)", "expected")``; None for other shapes."""
-    src = test.strip()
-    tree = _parse(src)
-    if tree is None or len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg:
-        return None
-    cmp = tree.body[0].test
-    if not (isinstance(cmp, ast.Compare) and len(cmp.ops) == 1 and isinstance(cmp.ops[0], ast.Eq)):
-        return None
-    call = cmp.left
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == entry_point):
-        return None
-    left, right = ast.get_source_segment(src, call), ast.get_source_segment(src, cmp.comparators[0])
-    return (left, right) if left and right else None
-
-
-def _convert_mbpp(row: Mapping[str, Any], index: int, ctx: _Ctx) -> Example | None:
-    task_id = ctx.get(row, "task_id")
-    text = ctx.text(row, "text")
-    code = _normalize_code(ctx.text(row, "code"))
-    tests = ctx.get(row, "test_list")
-    if not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
-        raise _BadRow(f"field {ctx.spec.column('test_list')!r} must be a list of assert strings, got {tests!r}")
-    tests = [t.strip() for t in tests]
-    tree = _parse(code)
-    defs = _top_level_defs(code, tree)
-    entry = _entry_point(tests, defs)
-    signature = _signature(code, entry, defs[entry]) if entry else None
-    if entry is None or signature is None:
-        return None
-    examples: list[tuple[str, str]] = []
-    others: list[str] = []
-    for test in tests:
-        pair = _as_doctest(test, entry)
-        if pair is None:
-            others.append(test)
-        else:
-            examples.append(pair)
-    meta: dict[str, Any] = {"entry_point": entry, "tests": tests, "task_id": task_id}
-    setup = ctx.get(row, "test_setup_code")
-    if isinstance(setup, str) and setup.strip():
-        meta["test_setup_code"] = _normalize_code(setup)
-    return Example(
-        id=f"mbpp/{task_id}",
-        domain=ctx.spec.domain,
-        instruction=humaneval_prompt(signature, text, examples, others, _imports(code, tree)),
-        output=code,
-        source="mbpp",
-        meta=meta,
-    )
-
-
-_CONVERTERS: dict[str, _Converter] = {
-    "plain": _convert_plain,
-    "mmlu": _convert_mmlu,
-    "bbh": _convert_bbh,
-    "gsm8k": _convert_gsm8k,
-    "mbpp": _convert_mbpp,
-}
-
-
 # --------------------------------------------------------------------------- sampling
 
 
 def _check_unique_ids(groups: Sequence[Sequence[Example]], label: str) -> None:
-    seen: set[str] = set()
-    dupes: list[str] = []
-    for group in groups:
-        for example in group:
-            if example.id in seen:
-                dupes.append(example.id)
-            seen.add(example.id)
+    counts = Counter(example.id for group in groups for example in group)
+    dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
-        raise DataError(f"seed source {label}: duplicate id(s) {sorted(set(dupes))[:10]}; seed ids must be unique")
+        raise DataError(f"seed source {label}: duplicate id(s) {dupes[:10]}; seed ids must be unique")
 
 
 def _sample(groups: Sequence[Sequence[Example]], count: int, rng: random.Random) -> list[Example]:
@@ -770,11 +396,5 @@ def _sample(groups: Sequence[Sequence[Example]], count: int, rng: random.Random)
         return rng.sample(list(groups[0]), min(count, len(groups[0])))
     # Stratified: shuffle each pool, then deal one item per pool in fixed pool order.
     queues = [rng.sample(list(g), len(g)) for g in groups]
-    out: list[Example] = []
-    depth = 0
-    while len(out) < count and any(depth < len(q) for q in queues):
-        for queue in queues:
-            if depth < len(queue) and len(out) < count:
-                out.append(queue[depth])
-        depth += 1
-    return out
+    dealt = [q[depth] for depth in range(max(map(len, queues), default=0)) for q in queues if depth < len(q)]
+    return dealt[:count]

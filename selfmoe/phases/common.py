@@ -29,13 +29,18 @@ def artifact_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
     )
 
 
-def is_done(directory: Path, key: str, cfg: Config, what: str) -> bool:
+def is_done(directory: Path, key: str, cfg: Config, what: str, files: tuple[str, ...] = ()) -> bool:
     """True when ``directory`` holds a finished artifact made with ``key`` (and force is off).
 
-    An artifact made from other settings or inputs is never reused: it is rebuilt, with a note.
+    An artifact made from other settings or inputs, or missing one of ``files``, is never
+    reused: it is rebuilt, with a note.
     """
     manifest = read_manifest(directory)
     if manifest is None:
+        return False
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        log.warning("%s at %s lacks %s: rebuilding it", what, directory, ", ".join(missing))
         return False
     if cfg.force:
         log.info("force=true: rebuilding %s at %s", what, directory)

@@ -68,7 +68,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
     target = layout.expert(name)
     data_hashes = {d: {s: sha256_file(p / f"{s}.jsonl") for s in ("train", "val")} for d, p in data_dirs.items()}
     key = artifact_key(cfg, ("model", "expert", "seed"), base=model_id(cfg), data=data_hashes)
-    if is_done(target, key, cfg, f"expert {name!r}"):
+    if is_done(target, key, cfg, f"expert {name!r}", EXPERT_FILES):
         return target
     started = time.time()
     run_dir = layout.run(f"expert-{name}")
@@ -105,7 +105,8 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
             atomic_write_json(run_dir / "run.json", state)
     else:
         log.info("resuming expert %r from %s", name, resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    # Checkpoints hold tensors and plain state only: never unpickle arbitrary objects.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
     if trainer.is_global_zero:
         with atomic_dir(target) as tmp:

@@ -49,7 +49,7 @@ def ensure_data(cfg: Config, domain: str, loaded=None):
     seeds = load_seeds(domain, seed_source(cfg, domain), count=dom.seeds.count, seed=cfg.seed)
     seeds_hash = sha256_text("\n".join(repr(s.to_dict()) for s in seeds))
     key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=model_id(cfg), seeds=seeds_hash)
-    if is_done(target, key, cfg, f"data for {domain!r}"):
+    if is_done(target, key, cfg, f"data for {domain!r}", DATA_FILES):
         return target, loaded
     if loaded is None:
         loaded = load_base(cfg, device=device_for(cfg))

@@ -51,8 +51,8 @@ def build_trainer(
         dirpath=run_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
-        save_top_k=0,
-        save_last=True,
+        save_top_k=1,  # without a monitor: the most recent one
+        save_last="link",  # last.ckpt -> that file, the resume point
         every_n_train_steps=checkpoint_every_n_steps or None,
         save_on_train_epoch_end=True,
     )

@@ -1,0 +1,68 @@
+# selfmoe: every pipeline target is one call of `python -m selfmoe <phase> key=value ...`.
+# Variables: DOMAIN (knowledge|reasoning|math|coding|all), MODEL (configs/model/*.yaml),
+# GPUS (unset: CPU; 1: one GPU; N>1: DDP on N GPUs), ARGS (extra key=value overrides).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DOMAIN ?= math
+MODEL  ?= tiny
+GPUS   ?=
+ARGS   ?=
+
+# Without a GPU, the CPU build of torch (small, fast to install); with one, PyPI's default
+# CUDA build. Override with TORCH='torch==2.x.y' (or a --index-url of your choice in PIP_ARGS).
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+PIP_ARGS ?=
+
+ifeq ($(strip $(GPUS)),)
+TRAINER :=
+else ifeq ($(strip $(GPUS)),1)
+TRAINER := trainer=gpu
+else
+TRAINER := trainer=ddp trainer.devices=$(GPUS)
+endif
+RUN := $(PY) -m selfmoe
+COMMON = model=$(MODEL) $(TRAINER) $(ARGS)
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo data expert experts test test-fast lint clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DOMAIN=$(DOMAIN) MODEL=$(MODEL) GPUS=$(GPUS) ARGS=$(ARGS)"
+
+install: $(STAMP) ## make .venv and install selfmoe with its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PIP_ARGS) "$(TORCH)"
+	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
+	@touch $@
+
+demo: $(STAMP) ## data + experts for all four domains on the built-in tiny model (offline, CPU)
+	$(RUN) experts model=tiny $(ARGS)
+
+data: $(STAMP) ## self-generate DOMAIN's training data
+	$(RUN) generate domain=$(DOMAIN) $(COMMON)
+
+expert: $(STAMP) ## train DOMAIN's LoRA expert (generates its data if missing; DOMAIN=all: instance merging)
+	$(RUN) expert domain=$(DOMAIN) $(COMMON)
+
+experts: $(STAMP) ## train every domain's expert
+	$(RUN) experts $(COMMON)
+
+test: $(STAMP) ## the offline test suite (unit, integration, slow)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without the slow tier
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs lightning_logs .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
