@@ -59,8 +59,8 @@ class TinyConfig:
     num_kv_heads: int = 2
     max_position: int = 4096
     pretrain_steps: int = 250
-    pretrain_batch_size: int = 16
-    pretrain_seq_len: int = 256
+    pretrain_batch_size: int = 4
+    pretrain_seq_len: int = 1024  # long enough to see a whole brainstorming prompt
     pretrain_lr: float = 3e-3
     seed: int = 0
 
@@ -133,7 +133,8 @@ class DataConfig:
     max_new_tokens_brainstorm: int = 512
     max_new_tokens_response: int = 512
     max_prompt_tokens: int = 2048  # longer prompts get fewer demonstrations
-    max_brainstorm_batches: int | None = None  # stop brainstorming after this many batches
+    max_brainstorm_batches: int | None = None  # cap on brainstorming batches (default: 20x the minimum)
+    max_idle_batches: int = 5  # give up after this many batches in a row that add no instruction
     rouge_threshold: float = 0.7
     val_fraction: float = 0.05
     on_bad_line: str = "error"  # error | skip (broken lines in seed/data jsonl)

@@ -7,6 +7,7 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from selfmoe.config import BrainstormConfig, ChecksConfig, DataConfig, DomainCon
 from selfmoe.data.generation import Completion, TextGenerator, Throughput
 from selfmoe.data.prompts import RESPONSE_STOPS, brainstorm_prompt, response_prompt
 from selfmoe.data.schema import Example
-from selfmoe.data.selfgen import PATIENCE, self_generate, split_train_val
+from selfmoe.data.selfgen import self_generate, split_train_val
 from selfmoe.models.tiny import make_tiny
 
 DOMAIN = DomainConfig(
@@ -274,13 +275,14 @@ def test_response_drops_are_made_up_by_more_brainstorming():
     assert result.brainstorm_batches == 2 and result.counts["over_target"] == 2
 
 
-def test_stops_after_patience_idle_batches():
+@pytest.mark.parametrize("patience", [1, 3])
+def test_stops_after_max_idle_batches(patience):
     gen = FakeGenerator(lambda b, i, first: (f"lol\n\nTask {int(first) + 1}:\nhmm ok", True), lambda ins: ("x", True))
-    result = self_generate(gen, DOMAIN, SEEDS, DATA, target=3, seed=0)
+    result = self_generate(gen, DOMAIN, SEEDS, replace(DATA, max_idle_batches=patience), target=3, seed=0)
     assert result.items == [] and result.rejected == []
-    assert result.brainstorm_batches == PATIENCE
-    assert len(gen.calls) == PATIENCE and all(kw["do_sample"] for _, kw in gen.calls)
-    assert result.counts["too_short"] == PATIENCE * DATA.batch_size * 2
+    assert result.brainstorm_batches == patience
+    assert len(gen.calls) == patience and all(kw["do_sample"] for _, kw in gen.calls)
+    assert result.counts["too_short"] == patience * DATA.batch_size * 2
 
 
 def test_max_brainstorm_batches_caps_the_run():

@@ -28,10 +28,6 @@ from selfmoe.data.parsing import clean_response, parse_tasks
 from selfmoe.data.prompts import RESPONSE_STOPS, brainstorm_prompt, response_prompt
 from selfmoe.data.schema import Example
 
-# Brainstorming gives up after this many consecutive batches that add no instruction, so a
-# model that cannot follow the format ends the phase instead of looping forever.
-PATIENCE = 5
-
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -115,9 +111,10 @@ class _SelfGeneration:
     def run(self, target: int) -> SelfGenResult:
         data, result = self.data, self.result
         tokens0, seconds0 = self.gen.throughput.tokens, self.gen.throughput.seconds
-        max_batches = data.max_brainstorm_batches or 20 * math.ceil(target / data.batch_size) + PATIENCE
+        max_batches = data.max_brainstorm_batches or 20 * math.ceil(target / data.batch_size) + data.max_idle_batches
         idle = 0
-        while len(result.items) < target and result.brainstorm_batches < max_batches and idle < PATIENCE:
+        # A model that cannot follow the format ends the phase instead of looping forever.
+        while len(result.items) < target and result.brainstorm_batches < max_batches and idle < data.max_idle_batches:
             needed = target - len(result.items)
             if len(self.pending) < needed:
                 idle = 0 if self._brainstorm() else idle + 1
