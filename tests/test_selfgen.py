@@ -185,6 +185,7 @@ def test_scripted_stats(scripted):
             "too_short": 1,
         },
         "prompts_shortened": 0,
+        "instructions_cut": 0,
         "brainstorm_batches": 2,
         "generated_tokens": tokens,
         "seconds": 2.5,  # 2 brainstorm + 3 response calls, 0.5 s each
@@ -452,3 +453,16 @@ def test_throughput_counts_generated_tokens(generator):
     assert generator.throughput.tokens - before[0] == sum(c.num_tokens for c in outs) == 10
     assert generator.throughput.seconds > before[1]
     assert generator.count_tokens(PROMPTS[0]) == len(generator.tokenizer(PROMPTS[0])["input_ids"])
+
+
+def test_task_drifting_into_the_response_format_is_cut_at_the_marker():
+    """A brainstormed task followed by "### Response: ..." keeps only the task."""
+    task = "Pat has 9 pens and gives away 4. How many pens are left now?"
+
+    def brainstorm(batch, index, first):
+        return (f"{task}\n\n### Response:\nThe answer is 5.", True) if (batch, index) == (0, 0) else ("", True)
+
+    gen = FakeGenerator(brainstorm, lambda ins: ("Nine minus four is five. The answer is 5.", True))
+    result = self_generate(gen, DOMAIN, SEEDS, replace(DATA, max_idle_batches=1), target=1, seed=0)
+    assert [e.instruction for e in result.items] == [task]
+    assert result.instructions_cut == 1 and result.stats()["instructions_cut"] == 1

@@ -96,7 +96,7 @@ def load_seeds(domain: str, source: Any, *, count: int, seed: int) -> list[Examp
         # The shipped seeds are deliberately few (offline smoke runs); only a real source that
         # falls short of the paper's count deserves a warning.
         log.log(
-            logging.INFO if spec.path.startswith(PKG_PREFIX) else logging.WARNING,
+            logging.DEBUG if spec.path.startswith(PKG_PREFIX) else logging.WARNING,
             "seed source %s has %d usable rows, fewer than the %d requested; using all",
             spec.path,
             total,

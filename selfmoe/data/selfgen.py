@@ -37,6 +37,7 @@ class SelfGenResult:
     rejected: list[Example] = field(default_factory=list)  # answered, then dropped (meta["drop"])
     counts: Counter[str] = field(default_factory=Counter)
     prompts_shortened: int = 0
+    instructions_cut: int = 0  # brainstormed tasks cut at a response-format marker
     brainstorm_batches: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -46,6 +47,7 @@ class SelfGenResult:
             "kept": len(self.items),
             "counts": dict(sorted(self.counts.items())),
             "prompts_shortened": self.prompts_shortened,
+            "instructions_cut": self.instructions_cut,
             "brainstorm_batches": self.brainstorm_batches,
             "generated_tokens": self.tokens,
             "seconds": round(self.seconds, 3),
@@ -156,7 +158,13 @@ class _SelfGeneration:
             parsed = parse_tasks(out.text, first_number=first, complete=out.complete)
             result.counts["malformed"] += parsed.malformed
             result.counts["partial"] += parsed.partial
-            self.pending.extend(text for text in parsed.items if self.keep(text) is None)
+            for text in parsed.items:
+                # A task that drifts into the response format ("### Response: ...") is cut there:
+                # what precedes the marker is the task, the rest would leak into the SFT prompt.
+                cut = clean_response(text, stop_markers=RESPONSE_STOPS)
+                result.instructions_cut += cut != text
+                if self.keep(cut) is None:
+                    self.pending.append(cut)
         result.brainstorm_batches += 1
         self._report("brainstorm", self.keep.counts["kept"], self.keep.counts["kept"])
         return len(self.pending) - before

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 
 from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, sha256_file
-from selfmoe.config import Config, grad_accumulation, world_size
+from selfmoe.config import ALL_DOMAINS, Config, grad_accumulation, world_size
 from selfmoe.data.datamodule import SFTDataModule
 from selfmoe.models.base import load_base, model_id
 from selfmoe.phases import generate
@@ -33,21 +33,15 @@ EXPERT_FILES = (*ADAPTER_FILES, "config.yaml", "manifest.json")
 
 
 def run(cfg: Config) -> Path:
-    data_dirs = {}
-    loaded = None
-    for domain in cfg.domain_names:
-        data_dirs[domain], loaded = generate.ensure_data(cfg, domain, loaded)
-    del loaded  # training loads its own copy of the base to wrap with PEFT
+    """The expert of ``cfg.domain`` (its data first, when missing)."""
+    data_dirs = generate.run(cfg)
     return train_expert(cfg, cfg.domain, data_dirs)
 
 
 def run_all(cfg: Config) -> list[Path]:
-    """`python -m selfmoe experts`: one expert per configured domain, in order."""
-    return [run(_with_domain(cfg, d)) for d in sorted(cfg.domains)]
-
-
-def _with_domain(cfg: Config, domain: str) -> Config:
-    return replace(cfg, domain=domain)
+    """`python -m selfmoe experts`: every domain's data (one base load), then each expert."""
+    data_dirs = generate.run(replace(cfg, domain=ALL_DOMAINS))
+    return [train_expert(replace(cfg, domain=d), d, {d: path}) for d, path in data_dirs.items()]
 
 
 def lora_config(cfg: Config) -> LoraConfig:

@@ -8,11 +8,17 @@ filter, throughput). A finished set made with the same settings is reused.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfmoe.artifacts import Layout, atomic_dir, sha256_text
 from selfmoe.config import Config
+from selfmoe.data.generation import TextGenerator
 from selfmoe.data.schema import write_jsonl
 from selfmoe.data.seeds import load_seeds
 from selfmoe.data.selfgen import domain_seed, self_generate, split_train_val
@@ -29,34 +35,30 @@ def seed_source(cfg: Config, domain: str):
     return seeds.hub if cfg.data.seed_source == "hub" else seeds.local
 
 
-def run(cfg: Config) -> list[Path]:
-    loaded = None
-    out = []
-    for domain in cfg.domain_names:
-        path, loaded = ensure_data(cfg, domain, loaded)
-        out.append(path)
-    return out
+BaseLoader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
 
-def ensure_data(cfg: Config, domain: str, loaded=None):
-    """The data dir of ``domain``, generated first unless an up-to-date one exists.
+def lazy_base(cfg: Config) -> BaseLoader:
+    """The base model, loaded on first call only: finished domains never pay for loading it."""
+    return functools.cache(lambda: load_base(cfg, device=device_for(cfg)))
 
-    Returns ``(path, (model, tokenizer) or the ``loaded`` passed in)`` so several domains share
-    one loaded base model.
-    """
+
+def run(cfg: Config) -> dict[str, Path]:
+    """Generate the data of every domain in ``cfg.domain_names`` that is not up to date."""
+    base = lazy_base(cfg)
+    return {domain: ensure_data(cfg, domain, base) for domain in cfg.domain_names}
+
+
+def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Path:
+    """The data dir of ``domain``, generated first unless an up-to-date one exists."""
     dom = cfg.domains[domain]
     target = Layout.for_model(cfg.output_dir, cfg.model.name).data(domain)
     seeds = load_seeds(domain, seed_source(cfg, domain), count=dom.seeds.count, seed=cfg.seed)
     seeds_hash = sha256_text("\n".join(repr(s.to_dict()) for s in seeds))
     key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=model_id(cfg), seeds=seeds_hash)
     if is_done(target, key, cfg, f"data for {domain!r}", DATA_FILES):
-        return target, loaded
-    if loaded is None:
-        loaded = load_base(cfg, device=device_for(cfg))
-    model, tokenizer = loaded
-    from selfmoe.data.generation import TextGenerator
-
-    gen = TextGenerator(model, tokenizer)
+        return target
+    gen = TextGenerator(*(base or lazy_base(cfg))())
     target_count = cfg.data.num_examples or dom.num_examples
     started = time.time()
     with make_progress() as progress:
@@ -71,7 +73,9 @@ def ensure_data(cfg: Config, domain: str, loaded=None):
 
         result = self_generate(gen, dom, seeds, cfg.data, target=target_count, seed=cfg.seed, progress=report)
     stats = result.stats()
-    log.info(
+    # Falling short of the target is legal (the model stopped producing usable items) but loud.
+    log.log(
+        logging.INFO if len(result.items) == target_count else logging.WARNING,
         "%s: kept %d of %d requested; drops %s; %.0f tok/s",
         domain,
         len(result.items),
@@ -108,4 +112,4 @@ def ensure_data(cfg: Config, domain: str, loaded=None):
                 "seconds": round(time.time() - started, 2),
             },
         )
-    return target, loaded
+    return target

@@ -1,0 +1,35 @@
+"""GPU paths (skipped without CUDA): generation on the device, bf16-mixed expert training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_config
+
+from selfmoe.artifacts import Layout
+from selfmoe.data.generation import TextGenerator
+from selfmoe.models.base import load_base
+from selfmoe.phases import expert
+
+pytestmark = pytest.mark.gpu
+
+
+def test_greedy_generation_on_gpu_matches_cpu(tiny_outputs):
+    cfg = make_config("generate", tiny_outputs)
+    prompts = ["Task 1:\nWhat is 2 + 3?\n\nTask 2:\n", "### Instruction:\nAdd 4 and 5.\n\n### Response:\n"]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        model, tok = load_base(cfg, device=device)
+        outs[device] = TextGenerator(model, tok).generate(prompts, max_new_tokens=24, do_sample=False)
+    assert [c.text for c in outs["cuda"]] == [c.text for c in outs["cpu"]]
+
+
+def test_bf16_mixed_expert_training_on_gpu(outputs):
+    cfg = make_config("expert", outputs, "domain=math", "trainer=gpu")
+    assert cfg.trainer.precision == "bf16-mixed"
+    target = expert.train_expert(cfg, "math", {"math": Layout.for_model(outputs, "tiny").data("math")})
+    metrics = json.loads((target / "manifest.json").read_text())["metrics"]
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert torch.cuda.is_available()
