@@ -27,7 +27,7 @@ COMMON = model=$(MODEL) $(TRAINER) $(ARGS)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data expert experts test test-fast lint clean
+.PHONY: help install demo data expert experts router test test-fast lint clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,8 +41,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
 	@touch $@
 
-demo: $(STAMP) ## data + experts for all four domains on the built-in tiny model (offline, CPU)
+demo: $(STAMP) ## data -> experts -> router for all four domains on the built-in tiny model (offline, CPU)
 	$(RUN) experts model=tiny $(ARGS)
+	$(RUN) router model=tiny $(ARGS)
 
 data: $(STAMP) ## self-generate DOMAIN's training data
 	$(RUN) generate domain=$(DOMAIN) $(COMMON)
@@ -52,6 +53,9 @@ expert: $(STAMP) ## train DOMAIN's LoRA expert (generates its data if missing; D
 
 experts: $(STAMP) ## train every domain's expert
 	$(RUN) experts $(COMMON)
+
+router: $(STAMP) ## MiXSE: compose the experts and train the router (fails fast if an expert is missing)
+	$(RUN) router $(COMMON)
 
 test: $(STAMP) ## the offline test suite (unit, integration, slow)
 	$(PY) -m pytest -q

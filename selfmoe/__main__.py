@@ -1,8 +1,9 @@
 """Command line: ``python -m selfmoe <phase> [key=value ...]``.
 
 Phases: ``generate`` (self-generate a domain's data), ``expert`` (train a domain's LoRA expert;
-``domain=all`` is instance merging), ``experts`` (every domain's expert), ``config`` (print the
-resolved config of a phase). User errors print one message and exit with status 2.
+``domain=all`` is instance merging), ``experts`` (every domain's expert), ``router`` (MiXSE:
+train the router over the experts), ``config`` (print the resolved config of a phase). User
+errors print one message and exit with status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ phases:
   generate   self-generate training data for domain=<d> (or all)
   expert     train the LoRA expert of domain=<d> (all = instance merging); generates data if missing
   experts    train every domain's expert
+  router     compose the experts into MiXSE and train its router (router.* keys)
   config     print the resolved config: python -m selfmoe config <phase> [key=value ...]
 
 examples:
@@ -32,12 +34,13 @@ examples:
 
 
 def _phases() -> dict[str, tuple[str, Callable]]:
-    from selfmoe.phases import expert, generate
+    from selfmoe.phases import expert, generate, router
 
     return {
         "generate": ("generate", generate.run),
         "expert": ("expert", expert.run),
         "experts": ("expert", expert.run_all),
+        "router": ("router", router.run),
     }
 
 

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from selfmoe.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PHASES = ("generate", "expert")
+PHASES = ("generate", "expert", "router")
 ALL_DOMAINS = "all"  # the union of every domain: the instance-merging baseline
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -148,10 +148,9 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Expert (LoRA) training: PAPER.md §1.2."""
+class OptimConfig:
+    """Optimisation of a training phase; the global batch is the same at any world size."""
 
-    lora: LoraConfig = field(default_factory=LoraConfig)
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -161,6 +160,35 @@ class TrainConfig:
     val_check_interval: float = 1.0
     checkpoint_every_n_steps: int = 0  # 0: at every epoch end only
     num_workers: int = 0
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """Expert (LoRA) training: PAPER.md §1.2."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+DEFAULT_EXPERTS = ["knowledge", "reasoning", "math", "coding"]  # the paper's order (expert-count sweep)
+
+
+@dataclass
+class RouterConfig(OptimConfig):
+    """MiXSE and its router phase (PAPER §1.3). Only the router is trained unless train_experts."""
+
+    name: str = "mixse"  # outputs/<model>/<name>/: give ablations their own name
+    experts: list[str] = field(default_factory=lambda: list(DEFAULT_EXPERTS))
+    scope: str = "shared"  # shared (paper) | per_layer
+    input: str = "layer"  # layer (one pass, KV cache) | final_hidden (X-LoRA reading)
+    top_k: int | None = 1  # null: every expert (dense softmax)
+    renormalize: bool = False  # the paper keeps top-k probabilities as they are
+    temperature: float = 1.0
+    mode: str = "learned"  # learned | random | uniform | fixed:<expert>
+    aux_loss_coef: float = 0.0  # load-balancing loss (padding ignored); not in the paper
+    train_experts: bool = False  # true: the "joint router + experts" ablation
+    balance: bool = True  # downsample the union to equal examples per domain
+    lr: float = 1e-3  # unpublished
+    epochs: int = 1  # unpublished
 
 
 @dataclass
@@ -189,6 +217,7 @@ class Config:
     tiny: TinyConfig = field(default_factory=TinyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     expert: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     domains: dict[str, DomainConfig] = field(default_factory=dict)
 
@@ -328,28 +357,61 @@ def validate(cfg: Config) -> None:
     e = cfg.expert
     _check(e.lora.r > 0 and e.lora.alpha > 0, "expert.lora.r and expert.lora.alpha must be > 0.")
     _check(0.0 <= e.lora.dropout < 1.0, "expert.lora.dropout must be in [0, 1).")
-    _check(e.lr > 0 and e.epochs > 0, "expert.lr and expert.epochs must be > 0.")
-    _check(0.0 <= e.warmup_ratio < 1.0, "expert.warmup_ratio must be in [0, 1).")
+    for section in ("expert", "router"):
+        _validate_optim(getattr(cfg, section), section, world_size(t))
+    _validate_router(cfg)
+
+
+def _validate_optim(o: OptimConfig, section: str, world: int) -> None:
+    _check(o.lr > 0 and o.epochs > 0, f"{section}.lr and {section}.epochs must be > 0.")
+    _check(0.0 <= o.warmup_ratio < 1.0, f"{section}.warmup_ratio must be in [0, 1).")
     _check(
-        e.global_batch_size > 0 and e.micro_batch_size > 0,
-        "expert.global_batch_size and expert.micro_batch_size must be > 0.",
+        o.global_batch_size > 0 and o.micro_batch_size > 0,
+        f"{section}.global_batch_size and {section}.micro_batch_size must be > 0.",
     )
-    world = world_size(t)
-    per_step = e.micro_batch_size * world
     _check(
-        e.global_batch_size % per_step == 0,
-        f"expert.global_batch_size={e.global_batch_size} must be a multiple of micro_batch_size x world size "
-        f"= {e.micro_batch_size} x {world}; change expert.micro_batch_size or the device count.",
+        o.global_batch_size % (o.micro_batch_size * world) == 0,
+        f"{section}.global_batch_size={o.global_batch_size} must be a multiple of micro_batch_size x world size "
+        f"= {o.micro_batch_size} x {world}; change {section}.micro_batch_size or the device count.",
     )
+
+
+def _validate_router(cfg: Config) -> None:
+    r = cfg.router
+    _check(bool(r.experts), "router.experts is empty: name the domains whose experts MiXSE composes (N >= 1).")
+    unknown = [d for d in r.experts if d not in cfg.domains]
+    _check(not unknown, f"router.experts: unknown domain(s) {unknown}; known: {sorted(cfg.domains)}.")
+    _check(len(set(r.experts)) == len(r.experts), f"router.experts lists a domain twice: {r.experts}.")
+    n = len(r.experts)
+    _check(
+        r.top_k is None or 1 <= r.top_k <= n,
+        f"router.top_k={r.top_k} must be between 1 and the number of experts ({n}), or null for all of them.",
+    )
+    _check(r.scope in ("shared", "per_layer"), f"router.scope={r.scope!r}: use shared or per_layer.")
+    _check(r.input in ("layer", "final_hidden"), f"router.input={r.input!r}: use layer or final_hidden.")
+    fixed = r.mode.split(":", 1)[1] if r.mode.startswith("fixed:") else None
+    _check(
+        r.mode in ("learned", "random", "uniform") or fixed in r.experts,
+        f"router.mode={r.mode!r}: use learned, random, uniform or fixed:<expert> with one of {r.experts}.",
+    )
+    _check(r.temperature > 0, "router.temperature must be > 0.")
+    _check(r.aux_loss_coef >= 0, "router.aux_loss_coef must be >= 0.")
+    _check(r.name.strip() and "/" not in r.name, f"router.name={r.name!r}: a plain directory name, e.g. mixse-top2.")
 
 
 def world_size(trainer: TrainerConfig) -> int:
     return trainer.devices * trainer.num_nodes
 
 
+def optim_section(cfg: Config) -> OptimConfig:
+    """The optimisation settings of the phase being run (the router's, or the experts')."""
+    return cfg.router if cfg.phase == "router" else cfg.expert
+
+
 def grad_accumulation(cfg: Config) -> int:
     """Micro-batches per optimizer step, so the global batch is the same at any world size."""
-    return cfg.expert.global_batch_size // (cfg.expert.micro_batch_size * world_size(cfg.trainer))
+    o = optim_section(cfg)
+    return o.global_batch_size // (o.micro_batch_size * world_size(cfg.trainer))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -152,7 +152,7 @@ def _data_dir(root: Path, domain: str, n_train: int, n_val: int) -> Path:
 
 @pytest.fixture
 def dirs(tmp_path) -> dict[str, Path]:
-    # Given out of name order on purpose: domain indices follow the sorted names.
+    # Given out of name order on purpose: domain indices follow the given order (router.experts).
     return {"math": _data_dir(tmp_path, "math", 7, 2), "coding": _data_dir(tmp_path, "coding", 3, 1)}
 
 
@@ -164,16 +164,16 @@ def _dm(dirs, tok, **kwargs) -> SFTDataModule:
 def test_datamodule_sizes_and_domains(dirs, tok):
     dm = _dm(dirs, tok)
     dm.setup("fit")
-    assert dm.domains == ["coding", "math"]
+    assert dm.domains == ["math", "coding"]
     assert len(dm.datasets["train"]) == 10 and len(dm.datasets["val"]) == 3
-    assert [f.domain for f in dm.datasets["train"].features] == [0] * 3 + [1] * 7
-    assert [f.domain for f in dm.datasets["val"].features] == [0, 1, 1]
-    expected_first = tokenize_example(_examples("coding", 1)[0], tok, template="alpaca", max_length=256)
+    assert [f.domain for f in dm.datasets["train"].features] == [0] * 7 + [1] * 3
+    assert [f.domain for f in dm.datasets["val"].features] == [0, 0, 1]
+    expected_first = tokenize_example(_examples("math", 1)[0], tok, template="alpaca", max_length=256)
     assert dm.datasets["train"][0] == expected_first
     assert dm.skipped_too_long == 0
 
     val = list(dm.val_dataloader())
-    assert [b["domain"].tolist() for b in val] == [[0, 1], [1]]
+    assert [b["domain"].tolist() for b in val] == [[0, 0], [1]]
     batch = val[0]
     assert batch["input_ids"].shape[0] == 2
     lengths = batch["attention_mask"].sum(1).tolist()

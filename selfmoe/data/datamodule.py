@@ -42,7 +42,8 @@ class SFTDataModule(L.LightningDataModule):
         on_bad_line: str = "error",
     ) -> None:
         super().__init__()
-        self.data_dirs = dict(sorted(data_dirs.items()))
+        # Domain order is the caller's (e.g. router.experts), so routing matrices line up with experts.
+        self.data_dirs = dict(data_dirs)
         self.domains = list(self.data_dirs)
         self.tokenizer = tokenizer
         self.template = template

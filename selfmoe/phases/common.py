@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_text, versions
 from selfmoe.config import Config, fingerprint, to_yaml
+from selfmoe.training.trainer import LAST
 
 log = logging.getLogger("selfmoe")
 
@@ -56,3 +58,23 @@ def write_metadata(directory: Path, cfg: Config, manifest: dict[str, Any]) -> No
     """``config.yaml`` (resolved) and ``manifest.json`` (what made it) into an artifact dir."""
     atomic_write_text(directory / "config.yaml", to_yaml(cfg))
     atomic_write_json(directory / "manifest.json", {**manifest, "versions": versions()})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or {} when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:
+    """``last.ckpt`` of an interrupted run made with ``key``; stale checkpoints are discarded."""
+    last = run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        return None
+    if cfg.force or read_json(run_dir / "run.json").get("key") != key:
+        log.warning("discarding checkpoints in %s: they belong to other settings (or force=true)", run_dir)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return None
+    return str(last)

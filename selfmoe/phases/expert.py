@@ -9,7 +9,6 @@ optimizer only) live in ``outputs/<model>/runs/expert-<name>/`` and a rerun resu
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import replace
@@ -20,13 +19,13 @@ from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 
 from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, sha256_file
-from selfmoe.config import ALL_DOMAINS, Config, grad_accumulation, world_size
+from selfmoe.config import Config, grad_accumulation, world_size
 from selfmoe.data.datamodule import SFTDataModule
 from selfmoe.models.base import load_base, model_id
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, log, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, log, read_json, resume_point, write_metadata
 from selfmoe.training.expert import ExpertLitModule
-from selfmoe.training.trainer import LAST, build_trainer
+from selfmoe.training.trainer import build_trainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPERT_FILES = (*ADAPTER_FILES, "config.yaml", "manifest.json")
@@ -40,7 +39,7 @@ def run(cfg: Config) -> Path:
 
 def run_all(cfg: Config) -> list[Path]:
     """`python -m selfmoe experts`: every domain's data (one base load), then each expert."""
-    data_dirs = generate.run(replace(cfg, domain=ALL_DOMAINS))
+    data_dirs = generate.run(cfg, sorted(cfg.domains))
     return [train_expert(replace(cfg, domain=d), d, {d: path}) for d, path in data_dirs.items()]
 
 
@@ -66,7 +65,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
         return target
     started = time.time()
     run_dir = layout.run(f"expert-{name}")
-    resume = _resume_point(run_dir, key, cfg)
+    resume = resume_point(run_dir, key, cfg)
 
     L.seed_everything(cfg.seed, workers=True)
     base, tokenizer = load_base(cfg)
@@ -91,7 +90,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
         checkpoint_every_n_steps=cfg.expert.checkpoint_every_n_steps,
         callbacks=callbacks,
     )
-    state = _read_json(run_dir / "run.json")
+    state = read_json(run_dir / "run.json")
     if resume is None:
         val_before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
         state = {"key": key, "val_loss_before": val_before}
@@ -147,22 +146,3 @@ def _remove(path: Path) -> None:
 
 def _val_loss(results: list[dict[str, float]]) -> float | None:
     return float(results[0]["val/loss"]) if results and "val/loss" in results[0] else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:
-    """``last.ckpt`` of an interrupted run with the same key; stale checkpoints are discarded."""
-    last = run_dir / "checkpoints" / LAST
-    if not last.is_file():
-        return None
-    if cfg.force or _read_json(run_dir / "run.json").get("key") != key:
-        log.warning("discarding checkpoints in %s: they belong to other settings (or force=true)", run_dir)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        return None
-    return str(last)

@@ -43,10 +43,10 @@ def lazy_base(cfg: Config) -> BaseLoader:
     return functools.cache(lambda: load_base(cfg, device=device_for(cfg)))
 
 
-def run(cfg: Config) -> dict[str, Path]:
-    """Generate the data of every domain in ``cfg.domain_names`` that is not up to date."""
+def run(cfg: Config, domains: list[str] | None = None) -> dict[str, Path]:
+    """Generate the data of each of ``domains`` (default ``cfg.domain_names``) not up to date."""
     base = lazy_base(cfg)
-    return {domain: ensure_data(cfg, domain, base) for domain in cfg.domain_names}
+    return {domain: ensure_data(cfg, domain, base) for domain in domains or cfg.domain_names}
 
 
 def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Path:

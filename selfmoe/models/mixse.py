@@ -1,0 +1,444 @@
+"""MiXSE: a frozen base model, N self-specialized LoRA experts, and a token-level router.
+
+For every LoRA-target linear ``W0`` and experts ``(A_i, B_i)`` with scaling ``s_i = alpha_i / r_i``::
+
+    h = W0 x + sum_i g_i * s_i * B_i A_i x,        g = topk_mask(softmax(W_r u / T))
+
+computed densely with the experts stacked: ``A_cat`` is ``(sum r_i) x d_in`` and ``B_cat`` is
+``d_out x (sum r_i)``, so ``h = W0 x + ((x A_cat^T) * G) B_cat^T`` where ``G`` expands each
+token's gates over its expert's rank columns (zeros outside the top-k) and folds in ``s_i``.
+Two GEMMs per module whatever N, no Python loop over experts, no host sync, no data-dependent
+shapes. Experts of different ranks stack naturally.
+
+Router input (``input``): ``layer`` (default) reads the hidden state entering each decoder layer,
+and every gated linear of that layer uses those gates: one pass, KV cache intact. ``final_hidden``
+is the X-LoRA reading: an adapter-free pass produces each token's final hidden state, which the
+router maps to the gates of every layer; it costs a second pass and needs ``use_cache=False``.
+Scope: one router shared by all layers (the paper) or one per layer.
+
+The model stays a ``transformers`` model (``generate()``, the KV cache and lm-eval's HFLM work
+unchanged): linears are replaced in place and the router lives at ``model.mixse``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+from torch.nn import functional as F
+
+from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
+from selfmoe.errors import SelfMoEError
+from selfmoe.models.router import GateSpec, Router, gates_from_logits
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ROUTER_FILE, EXPERTS_FILE, MIXSE_FILE = "router.safetensors", "experts.safetensors", "mixse.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How MiXSE routes (the ``router.*`` config keys that shape the model)."""
+
+    scope: str = "shared"  # shared | per_layer
+    input: str = "layer"  # layer | final_hidden
+    top_k: int | None = 1  # None: every expert (dense softmax)
+    renormalize: bool = False
+    temperature: float = 1.0
+    mode: str = "learned"  # learned | random | uniform | fixed:<expert>
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("shared", "per_layer"):
+            raise ValueError(f"router.scope={self.scope!r}: use shared or per_layer")
+        if self.input not in ("layer", "final_hidden"):
+            raise ValueError(f"router.input={self.input!r}: use layer or final_hidden")
+        if self.mode not in ("learned", "random", "uniform") and not self.mode.startswith("fixed:"):
+            raise ValueError(f"router.mode={self.mode!r}: use learned, random, uniform or fixed:<expert>")
+
+
+@dataclass
+class RoutingRecord:
+    """One layer's routing in the latest forward (kept while ``MiXSE.record`` is on)."""
+
+    probs: torch.Tensor  # (B, T, N) float32 router probabilities
+    gates: torch.Tensor  # (B, T, N) float32 gates applied (zeros outside the top-k)
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One LoRA adapter read from disk: per target module ``(A (r, d_in), B (d_out, r), scale)``."""
+
+    name: str
+    path: Path
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
+
+
+def adapter_hash(directory: str | Path) -> str:
+    """Content hash of an adapter directory (its config and weights)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        h.update(sha256_file(Path(directory) / name).encode())
+    return h.hexdigest()
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT matches rank/alpha pattern keys against the end of the module name.
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def read_expert(name: str, directory: str | Path) -> Expert:
+    """Read a PEFT LoRA adapter directory; errors name the expert and the fix."""
+    directory = Path(directory)
+    missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise SelfMoEError(
+            f"expert {name!r} at {directory} is missing {', '.join(missing)}. "
+            f"Train it first (`make expert DOMAIN={name}`) or fix the path."
+        )
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise SelfMoEError(f"expert {name!r} at {directory} is not a plain LoRA adapter (peft_type/use_dora).")
+    try:
+        tensors = load_file(directory / "adapter_model.safetensors")
+    except (SafetensorError, OSError) as exc:
+        raise SelfMoEError(
+            f"expert {name!r}: {directory / 'adapter_model.safetensors'} is unreadable ({exc}); retrain the expert."
+        ) from None
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise SelfMoEError(f"expert {name!r}: malformed LoRA pair for {module}; retrain the expert.")
+        r = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
+        scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+        deltas[module] = (a, b, float(scale))
+    if not deltas:
+        raise SelfMoEError(f"expert {name!r} at {directory} holds no LoRA weights; retrain the expert.")
+    return Expert(name=name, path=directory, deltas=deltas)
+
+
+class RoutingSlot:
+    """Where a decoder layer's pre-hook leaves the gates that its gated linears read."""
+
+    __slots__ = ("gates",)
+
+    def __init__(self) -> None:
+        self.gates: torch.Tensor | None = None
+
+
+class GatedLoraLinear(nn.Module):
+    """A frozen linear plus stacked LoRA experts, mixed per token by the gates in ``slot``."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        slot: RoutingSlot,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        column_expert: torch.Tensor,
+        column_scale: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.slot = slot
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(lora_a.to(device, dtype), requires_grad=False)  # (R, d_in)
+        self.lora_B = nn.Parameter(lora_b.to(device, dtype), requires_grad=False)  # (d_out, R)
+        self.register_buffer("column_expert", column_expert.to(device), persistent=False)  # (R,) expert of column
+        self.register_buffer("column_scale", column_scale.to(device), persistent=False)  # (R,) s_i, float32
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        gates = self.slot.gates
+        if gates is None:  # adapter-free (the X-LoRA scouting pass)
+            return y
+        column_gates = gates.index_select(-1, self.column_expert) * self.column_scale  # (B, T, R) float32
+        h = F.linear(x, self.lora_A) * column_gates.to(x.dtype)  # (B, T, R)
+        return y + F.linear(h, self.lora_B)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise SelfMoEError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers).")
+    return layers
+
+
+class MiXSE(nn.Module):
+    """The router(s) and routing state of a MiXSE model, registered at ``model.mixse``."""
+
+    def __init__(self, experts: list[str], hidden_size: int, num_layers: int, settings: RouterSettings) -> None:
+        super().__init__()
+        self.experts = list(experts)
+        self.settings = settings
+        self.spec = GateSpec(len(experts), settings.top_k, settings.renormalize, settings.temperature)
+        self.router = Router(hidden_size, len(experts), num_layers if settings.scope == "per_layer" else 1)
+        self.slots = [RoutingSlot() for _ in range(num_layers)]
+        self.fixed = None
+        if settings.mode.startswith("fixed:"):
+            name = settings.mode.split(":", 1)[1]
+            if name not in self.experts:
+                raise SelfMoEError(f"router.mode={settings.mode!r}: no expert {name!r}; experts are {self.experts}.")
+            self.fixed = self.experts.index(name)
+        self.record = False
+        self.records: list[RoutingRecord | None] = [None] * num_layers
+        # With collect_aux on, each layer's (probs, gates) are kept with their graph (aux losses).
+        self.collect_aux = False
+        self.aux_records: list[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]] = [(None, None)] * num_layers
+        self._scouting = False
+
+    def route(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Gates (..., N) float32 for hidden states (..., H) entering ``layer``."""
+        mode, n = self.settings.mode, len(self.experts)
+        if mode == "learned":
+            probs, gates = gates_from_logits(self.router(hidden, layer), self.spec)
+        elif mode == "random":
+            probs, gates = gates_from_logits(torch.randn(*hidden.shape[:-1], n, device=hidden.device), self.spec)
+        elif mode == "uniform":
+            probs = torch.full((*hidden.shape[:-1], n), 1.0 / n, device=hidden.device)
+            gates = probs
+        else:
+            probs = F.one_hot(torch.full(hidden.shape[:-1], self.fixed, device=hidden.device), n).float()
+            gates = probs
+        if self.record:
+            self.records[layer] = RoutingRecord(probs.detach(), gates.detach())
+        if self.collect_aux:
+            self.aux_records[layer] = (probs, gates)
+        return gates
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.router.parameters())
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSettings) -> nn.Module:
+    """Turn ``model`` (in place) into MiXSE over ``experts``; returns the same model object.
+
+    Every parameter is frozen except the router's (when ``settings.mode`` is learned).
+    """
+    if not experts:
+        raise SelfMoEError("MiXSE needs at least one expert (router.experts is empty).")
+    if hasattr(model, "mixse"):
+        raise SelfMoEError("this model is already a MiXSE model; build from a fresh base model.")
+    layers = _decoder_layers(model)
+    layer_of = {id(layer): i for i, layer in enumerate(layers)}
+    layer_names = {name: layer_of[id(m)] for name, m in model.named_modules() if id(m) in layer_of}
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    mixse = MiXSE([e.name for e in experts], config.hidden_size, len(layers), settings)
+
+    targets = sorted({m for e in experts for m in e.deltas})
+    for module_name in targets:
+        try:
+            base = model.get_submodule(module_name)
+        except AttributeError:
+            base = None
+        owner = next((i for prefix, i in layer_names.items() if module_name.startswith(prefix + ".")), None)
+        if not isinstance(base, nn.Linear) or owner is None:
+            raise SelfMoEError(
+                f"expert target {module_name!r} is not a linear layer inside a decoder layer of this base "
+                "model: the experts were made from another base model (or target unsupported modules)."
+            )
+        a_parts, b_parts, col_expert, col_scale = [], [], [], []
+        for index, expert in enumerate(experts):
+            if module_name not in expert.deltas:
+                continue
+            a, b, scale = expert.deltas[module_name]
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise SelfMoEError(
+                    f"expert {expert.name!r} does not fit this base model at {module_name}: LoRA shapes "
+                    f"{tuple(a.shape)}/{tuple(b.shape)} vs a {base.in_features}->{base.out_features} linear. "
+                    "It was trained on another base model; retrain it on this one."
+                )
+            a_parts.append(a)
+            b_parts.append(b)
+            col_expert += [index] * a.shape[0]
+            col_scale += [scale] * a.shape[0]
+        gated = GatedLoraLinear(
+            base,
+            mixse.slots[owner],
+            torch.cat(a_parts, 0),
+            torch.cat(b_parts, 1),
+            torch.tensor(col_expert, dtype=torch.long),
+            torch.tensor(col_scale, dtype=torch.float32),
+        )
+        _replace_module(model, module_name, gated)
+
+    model.requires_grad_(False)
+    mixse.to(next(model.parameters()).device)
+    model.mixse = mixse  # registers the router as a submodule: .to(), state_dict(), parameters()
+    mixse.router.requires_grad_(settings.mode == "learned")
+    _install_hooks(model, mixse, layers)
+    return model
+
+
+def _install_hooks(model: nn.Module, mixse: MiXSE, layers: nn.ModuleList) -> None:
+    def layer_hook(index: int):
+        def hook(module, args, kwargs):
+            if mixse.settings.input == "layer" and not mixse._scouting:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mixse.slots[index].gates = mixse.route(hidden, index)
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True)
+
+    def scout(module, args, kwargs):
+        """X-LoRA reading: an adapter-free pass gives the final hidden state the router reads."""
+        if mixse.settings.input != "final_hidden" or mixse._scouting:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise SelfMoEError("router.input=final_hidden re-reads the whole sequence: generate with use_cache=False.")
+        inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "inputs_embeds", "position_ids")}
+        if args:
+            inputs["input_ids"] = args[0]
+        mixse._scouting = True
+        for slot in mixse.slots:
+            slot.gates = None
+        try:
+            with torch.no_grad():
+                hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        finally:
+            mixse._scouting = False
+        for i, slot in enumerate(mixse.slots):
+            slot.gates = mixse.route(hidden, i)
+
+    model.register_forward_pre_hook(scout, with_kwargs=True)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The stacked expert matrices of every gated linear (frozen unless trained jointly)."""
+    return [p for m in model.modules() if isinstance(m, GatedLoraLinear) for p in (m.lora_A, m.lora_B)]
+
+
+def save_mixse(
+    model: nn.Module, directory: str | Path, *, base_model: str, expert_dirs: Mapping[str, str | Path]
+) -> None:
+    """Write ``router.safetensors`` (+ ``experts.safetensors`` when experts were trained) and ``mixse.json``."""
+    directory = Path(directory)
+    mixse: MiXSE = model.mixse
+    router = {k: v.detach().contiguous().cpu() for k, v in mixse.router.state_dict().items()}
+    atomic_write_bytes(directory / ROUTER_FILE, _safetensors_bytes(router))
+    trained_experts = any(p.requires_grad for p in expert_parameters(model))
+    if trained_experts:
+        stacked = {
+            f"{name}.{part}": getattr(module, part).detach().contiguous().cpu()
+            for name, module in model.named_modules()
+            if isinstance(module, GatedLoraLinear)
+            for part in ("lora_A", "lora_B")
+        }
+        atomic_write_bytes(directory / EXPERTS_FILE, _safetensors_bytes(stacked))
+    atomic_write_json(
+        directory / MIXSE_FILE,
+        {
+            "format": FORMAT_VERSION,
+            "base_model": base_model,
+            "experts": [
+                {"name": name, "path": str(expert_dirs[name]), "sha256": adapter_hash(expert_dirs[name])}
+                for name in mixse.experts
+            ],
+            "router": asdict(mixse.settings),
+            "experts_trained": trained_experts,
+        },
+    )
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save(tensors)
+
+
+def read_mixse_json(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MIXSE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SelfMoEError(
+            f"{path} is missing or unreadable ({exc}); train the router first (`make router`)."
+        ) from None
+
+
+def load_mixse(
+    model: nn.Module, directory: str | Path, *, base_model: str | None = None, **overrides: Any
+) -> nn.Module:
+    """Rebuild a saved MiXSE on ``model`` (a fresh base): experts verified by hash, router restored.
+
+    ``overrides`` replace saved router settings (e.g. ``top_k=2`` or ``mode="random"`` for the
+    routing ablations); a mismatching ``base_model`` id or a changed expert is refused.
+    """
+    directory = Path(directory)
+    meta = read_mixse_json(directory)
+    if base_model is not None and meta["base_model"] != base_model:
+        raise SelfMoEError(
+            f"{directory} was built on base model {meta['base_model']!r}, not {base_model!r}; "
+            "rebuild it with `make router` for this model."
+        )
+    experts = []
+    for entry in meta["experts"]:
+        if not Path(entry["path"]).is_dir():
+            raise SelfMoEError(f"{directory}: expert {entry['name']!r} not found at {entry['path']}.")
+        if adapter_hash(entry["path"]) != entry["sha256"]:
+            raise SelfMoEError(
+                f"{directory}: expert {entry['name']!r} at {entry['path']} changed since the router was trained "
+                "(hash mismatch); retrain the router (`make router force=true`)."
+            )
+        experts.append(read_expert(entry["name"], entry["path"]))
+    settings = RouterSettings(**{**meta["router"], **overrides})
+    build_mixse(model, experts, settings)
+    try:
+        router = load_file(directory / ROUTER_FILE)
+    except (SafetensorError, OSError) as exc:
+        raise SelfMoEError(f"{directory / ROUTER_FILE} is unreadable ({exc}); retrain the router.") from None
+    model.mixse.router.load_state_dict(router)
+    if meta.get("experts_trained"):
+        stacked = load_file(directory / EXPERTS_FILE)
+        for name, module in model.named_modules():
+            if isinstance(module, GatedLoraLinear):
+                module.lora_A.data.copy_(stacked[f"{name}.lora_A"])
+                module.lora_B.data.copy_(stacked[f"{name}.lora_B"])
+    return model
+
+
+__all__ = [
+    "MiXSE",
+    "RouterSettings",
+    "RoutingRecord",
+    "build_mixse",
+    "expert_parameters",
+    "load_mixse",
+    "read_expert",
+    "save_mixse",
+]
