@@ -87,6 +87,11 @@ class SFTDataModule(L.LightningDataModule):
                     else:
                         features.append(f)
             self.datasets[split] = SFTDataset(features)
+        if not self.datasets["train"]:
+            raise DataError(
+                f"no training example fits model.max_length={self.max_length}: all {self.skipped_too_long} prompts "
+                "are longer. Raise model.max_length."
+            )
         if self.skipped_too_long:
             log.warning("skipped %d example(s) whose prompt alone exceeds model.max_length", self.skipped_too_long)
 

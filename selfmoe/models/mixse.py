@@ -320,7 +320,7 @@ def _install_hooks(model: nn.Module, mixse: MiXSE, layers: nn.ModuleList) -> Non
         """X-LoRA reading: an adapter-free pass gives the final hidden state the router reads."""
         if mixse.settings.input != "final_hidden" or mixse._scouting:
             return
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # the name differs across transformers 5.x
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             raise SelfMoEError("router.input=final_hidden re-reads the whole sequence: generate with use_cache=False.")
         inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "inputs_embeds", "position_ids")}
