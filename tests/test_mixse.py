@@ -32,7 +32,7 @@ RANKS = {"alpha": 4, "beta": 8, "gamma": 2}  # different ranks stack
 def tiny_base(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97,
+        vocab_size=300,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -286,7 +286,7 @@ def test_bad_expert_sets(expert_dirs, tmp_path):
     torch.manual_seed(0)
     wide = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=97,
+            vocab_size=300,
             hidden_size=48,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -395,3 +395,26 @@ def test_router_learns_to_route_each_domain_to_its_expert(tmp_path):
                     share[d] += (record.gates[row] * mask[row, :, None]).sum(0)
     share = share / share.sum(1, keepdim=True)
     assert share[0, 0] > 0.5 and share[1, 1] > 0.5, share  # chance is 0.5 for two experts
+
+
+def test_lm_eval_hflm_scores_mixse_like_a_transformers_model(expert_dirs):
+    """lm-eval's HFLM takes the MiXSE model object as is; its log-likelihoods match ours."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from selfmoe.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(["the cat sat on the mat", "two plus two is four"] * 4, 300)
+    model = mixse(expert_dirs, top_k=2)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
+    requests = [("the cat sat", " on the mat"), ("two plus", " two is four")]
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=req, idx=i) for i, req in enumerate(requests)]
+    scores = [ll for ll, _ in lm.loglikelihood(instances)]
+    for (context, continuation), score in zip(requests, scores, strict=True):
+        ctx = tok(context)["input_ids"]
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        expected = sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        assert score == pytest.approx(expected, abs=1e-4)
