@@ -18,12 +18,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 
-from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, sha256_file
-from selfmoe.config import Config, grad_accumulation, world_size
-from selfmoe.data.datamodule import SFTDataModule
+from selfmoe.artifacts import Layout, atomic_dir
+from selfmoe.config import Config, grad_accumulation
 from selfmoe.models.base import load_base, model_id
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, log, read_json, resume_point, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, resume_point, write_metadata
+from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.expert import ExpertLitModule
 from selfmoe.training.trainer import build_trainer
 
@@ -59,8 +59,8 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
     """Train (or resume, or skip when up to date) the expert ``name`` on ``data_dirs``."""
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
     target = layout.expert(name)
-    data_hashes = {d: {s: sha256_file(p / f"{s}.jsonl") for s in ("train", "val")} for d, p in data_dirs.items()}
-    key = artifact_key(cfg, ("model", "expert", "seed"), base=model_id(cfg), data=data_hashes)
+    hashes = data_hashes(data_dirs)
+    key = artifact_key(cfg, ("model", "expert", "seed"), base=model_id(cfg), data=hashes)
     if is_done(target, key, cfg, f"expert {name!r}", EXPERT_FILES):
         return target
     started = time.time()
@@ -70,17 +70,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
     L.seed_everything(cfg.seed, workers=True)
     base, tokenizer = load_base(cfg)
     model = get_peft_model(base, lora_config(cfg))
-    datamodule = SFTDataModule(
-        data_dirs,
-        tokenizer,
-        template=cfg.model.template,
-        max_length=cfg.model.max_length,
-        micro_batch_size=cfg.expert.micro_batch_size,
-        balance=False,
-        seed=cfg.seed,
-        num_workers=cfg.expert.num_workers,
-        on_bad_line=cfg.data.on_bad_line,
-    )
+    datamodule = datamodule_for(cfg, data_dirs, tokenizer, cfg.expert, balance=False)
     module = ExpertLitModule(model, cfg.expert)
     trainer = build_trainer(
         cfg,
@@ -90,17 +80,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
         checkpoint_every_n_steps=cfg.expert.checkpoint_every_n_steps,
         callbacks=callbacks,
     )
-    state = read_json(run_dir / "run.json")
-    if resume is None:
-        val_before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
-        state = {"key": key, "val_loss_before": val_before}
-        if trainer.is_global_zero:
-            atomic_write_json(run_dir / "run.json", state)
-    else:
-        log.info("resuming expert %r from %s", name, resume)
-    # Checkpoints hold tensors and plain state only: never unpickle arbitrary objects.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+    metrics = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
     if trainer.is_global_zero:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
@@ -115,18 +95,10 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
                     "domains": sorted(data_dirs),
                     "key": key,
                     "base_model": model_id(cfg),
-                    "data": data_hashes,
-                    "train_examples": len(datamodule.datasets["train"]),
-                    "val_examples": len(datamodule.datasets["val"]),
-                    "skipped_too_long": datamodule.skipped_too_long,
-                    "trainable_params": module.num_trainable,
-                    "total_params": module.num_total,
-                    "steps": trainer.global_step,
-                    "epochs": cfg.expert.epochs,
-                    "global_batch_size": cfg.expert.global_batch_size,
-                    "world_size": world_size(cfg.trainer),
+                    "data": hashes,
+                    **training_manifest(cfg, trainer, module, datamodule, cfg.expert),
                     "metrics": {
-                        "val_loss_before": state.get("val_loss_before"),
+                        "val_loss_before": metrics.get("val_loss_before"),
                         "val_loss_after": metrics.get("val/loss"),
                         "train_loss_last": metrics.get("train/loss"),
                     },

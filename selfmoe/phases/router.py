@@ -18,9 +18,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.routing import RoutingStatsCallback, TokenRoutingCallback
-from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, read_manifest, sha256_file
-from selfmoe.config import Config, RouterConfig, grad_accumulation, world_size
-from selfmoe.data.datamodule import SFTDataModule
+from selfmoe.artifacts import Layout, atomic_dir, read_manifest
+from selfmoe.config import Config, RouterConfig, grad_accumulation
 from selfmoe.data.prompts import sft_prompt
 from selfmoe.data.schema import read_jsonl
 from selfmoe.errors import SelfMoEError
@@ -36,7 +35,8 @@ from selfmoe.models.mixse import (
     save_mixse,
 )
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, read_json, resume_point, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, resume_point, write_metadata
+from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.router import RouterLitModule
 from selfmoe.training.trainer import build_trainer
 
@@ -80,13 +80,13 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     data_dirs = generate.run(cfg, r.experts)
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
     target = layout.root / r.name
-    data_hashes = {d: {s: sha256_file(p / f"{s}.jsonl") for s in ("train", "val")} for d, p in data_dirs.items()}
+    hashes = data_hashes(data_dirs)
     key = artifact_key(
         cfg,
         ("model", "router", "seed"),
         base=model_id(cfg),
         experts={d: adapter_hash(p) for d, p in experts.items()},
-        data=data_hashes,
+        data=hashes,
     )
     if is_done(target, key, cfg, f"MiXSE {r.name!r}", MIXSE_FILES):
         return target
@@ -100,17 +100,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     if r.train_experts:
         for p in expert_parameters(model):
             p.requires_grad_(True)
-    datamodule = SFTDataModule(
-        data_dirs,
-        tokenizer,
-        template=cfg.model.template,
-        max_length=cfg.model.max_length,
-        micro_batch_size=r.micro_batch_size,
-        balance=r.balance,
-        seed=cfg.seed,
-        num_workers=r.num_workers,
-        on_bad_line=cfg.data.on_bad_line,
-    )
+    datamodule = datamodule_for(cfg, data_dirs, tokenizer, r, balance=r.balance)
     module = RouterLitModule(model, r)
     routing_dir = run_dir / "routing"
     prompts = _token_view_prompts(cfg, data_dirs, tokenizer)
@@ -126,15 +116,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
             *(callbacks or []),
         ],
     )
-    state = read_json(run_dir / "run.json")
-    if resume is None:
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        state = {"key": key, "val_loss_before": float(results[0]["val/loss"]) if results else None}
-        if trainer.is_global_zero:
-            atomic_write_json(run_dir / "run.json", state)
-    if module.num_trainable:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/", "router/"))}
+    metrics = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
     if trainer.is_global_zero:
         with atomic_dir(target) as tmp:
             save_mixse(model, tmp, base_model=model_id(cfg), expert_dirs={d: str(p) for d, p in experts.items()})
@@ -149,14 +131,9 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
                     "key": key,
                     "base_model": model_id(cfg),
                     "experts": {d: str(p) for d, p in experts.items()},
-                    "data": data_hashes,
-                    "train_examples": len(datamodule.datasets["train"]),
-                    "val_examples": len(datamodule.datasets["val"]),
-                    "trainable_params": module.num_trainable,
-                    "total_params": module.num_total,
-                    "steps": trainer.global_step,
-                    "world_size": world_size(cfg.trainer),
-                    "metrics": {"val_loss_before": state.get("val_loss_before"), **metrics},
+                    "data": hashes,
+                    **training_manifest(cfg, trainer, module, datamodule, r),
+                    "metrics": metrics,
                     "seconds": round(time.time() - started, 2),
                 },
             )
