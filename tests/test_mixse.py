@@ -280,7 +280,7 @@ def test_bad_expert_sets(expert_dirs, tmp_path):
         build_mixse(tiny_base(), [], RouterSettings())
     with pytest.raises(ValueError, match="top_k=4"):
         mixse(expert_dirs, top_k=4)
-    with pytest.raises(SelfMoEError, match="missing adapter_config.json"):
+    with pytest.raises(SelfMoEError, match=r"missing adapter_config\.json"):
         read_expert("delta", tmp_path)
     # An adapter made for another base model (other widths) is refused, naming expert and module.
     torch.manual_seed(0)
@@ -418,3 +418,17 @@ def test_lm_eval_hflm_scores_mixse_like_a_transformers_model(expert_dirs):
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
         expected = sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_moved_outputs_tree_still_loads(expert_dirs, inputs, tmp_path):
+    import shutil
+
+    tree = tmp_path / "a"
+    local = {n: str(tree / "experts" / n) for n in EXPERTS}
+    for n in EXPERTS:
+        shutil.copytree(expert_dirs[n], local[n])
+    model = mixse(local, top_k=2)
+    save_mixse(model, tree / "mixse", base_model="toy", expert_dirs=local)
+    shutil.move(tree, tmp_path / "b")
+    loaded = load_mixse(tiny_base(), tmp_path / "b" / "mixse")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)

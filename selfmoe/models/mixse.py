@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -367,8 +368,13 @@ def save_mixse(
         {
             "format": FORMAT_VERSION,
             "base_model": base_model,
+            # Relative to this directory, so a copied or moved outputs/ tree still loads.
             "experts": [
-                {"name": name, "path": str(expert_dirs[name]), "sha256": adapter_hash(expert_dirs[name])}
+                {
+                    "name": name,
+                    "path": os.path.relpath(Path(expert_dirs[name]).resolve(), directory.resolve()),
+                    "sha256": adapter_hash(expert_dirs[name]),
+                }
                 for name in mixse.experts
             ],
             "router": asdict(mixse.settings),
@@ -408,14 +414,15 @@ def load_mixse(
         )
     experts = []
     for entry in meta["experts"]:
-        if not Path(entry["path"]).is_dir():
-            raise SelfMoEError(f"{directory}: expert {entry['name']!r} not found at {entry['path']}.")
-        if adapter_hash(entry["path"]) != entry["sha256"]:
+        path = directory / entry["path"]  # an absolute path stays as it is
+        if not path.is_dir():
+            raise SelfMoEError(f"{directory}: expert {entry['name']!r} not found at {path}.")
+        if adapter_hash(path) != entry["sha256"]:
             raise SelfMoEError(
-                f"{directory}: expert {entry['name']!r} at {entry['path']} changed since the router was trained "
+                f"{directory}: expert {entry['name']!r} at {path} changed since the router was trained "
                 "(hash mismatch); retrain the router (`make router force=true`)."
             )
-        experts.append(read_expert(entry["name"], entry["path"]))
+        experts.append(read_expert(entry["name"], path))
     settings = RouterSettings(**{**meta["router"], **overrides})
     build_mixse(model, experts, settings)
     try:

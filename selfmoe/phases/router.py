@@ -103,6 +103,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     datamodule = datamodule_for(cfg, data_dirs, tokenizer, r, balance=r.balance)
     module = RouterLitModule(model, r)
     routing_dir = run_dir / "routing"
+    if resume is None:  # a fresh run: no routing views of an earlier run may leak into this artifact
+        shutil.rmtree(routing_dir, ignore_errors=True)
     prompts = _token_view_prompts(cfg, data_dirs, tokenizer)
     trainer = build_trainer(
         cfg,
