@@ -35,20 +35,26 @@ def test_bf16_mixed_expert_training_on_gpu(outputs):
     assert torch.cuda.is_available()
 
 
-def test_mixse_forward_on_gpu_makes_no_host_sync(tiny_outputs):
-    """The gated linears and the router run without a device-to-host sync (DESIGN §4)."""
-    from selfmoe.models.mixse import RouterSettings, build_mixse, read_expert
+def test_mixse_routing_and_gated_linears_make_no_host_sync(tiny_outputs):
+    """The router and the gated linears run without a device-to-host sync (DESIGN §4).
+
+    Checked on our own modules: the base model's mask preparation in transformers syncs by itself.
+    """
+    from selfmoe.models.mixse import GatedLoraLinear, RouterSettings, build_mixse, read_expert
 
     cfg = make_config("expert", tiny_outputs, "domain=math", "trainer=gpu")
     target = expert.train_expert(cfg, "math", {"math": Layout.for_model(tiny_outputs, "tiny").data("math")})
-    base, tok = load_base(cfg, device="cuda")
+    base, _ = load_base(cfg, device="cuda")
     model = build_mixse(base, [read_expert("a", target), read_expert("b", target)], RouterSettings(top_k=1))
-    ids = tok(["What is 2 + 3?", "Name a prime."], return_tensors="pt", padding=True).to("cuda")
-    model(**ids)  # warm-up (lazy init may sync)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.no_grad():
-            model(**ids)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    gated = [m for m in model.modules() if isinstance(m, GatedLoraLinear) and m.slot is model.mixse.slots[0]]
+    hidden = torch.randn(4, 16, model.config.hidden_size, device="cuda")
+    for _ in range(2):  # the first round warms up lazily initialised kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if _ else "default")
+        try:
+            with torch.no_grad():
+                model.mixse.slots[0].gates = model.mixse.route(hidden, 0)
+                outs = [m(torch.randn(4, 16, m.in_features, device="cuda")) for m in gated]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(gated) == 7 and all(o.isfinite().all() for o in outs)

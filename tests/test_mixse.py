@@ -399,6 +399,7 @@ def test_router_learns_to_route_each_domain_to_its_expert(tmp_path):
 
 def test_lm_eval_hflm_scores_mixse_like_a_transformers_model(expert_dirs):
     """lm-eval's HFLM takes the MiXSE model object as is; its log-likelihoods match ours."""
+    pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
