@@ -17,7 +17,23 @@ import torch
 
 torch.set_num_threads(1)
 
+from selfmoe.config import TinyConfig  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
+
+# A tiny model smaller still, for unit tests that build one in-process in a second or less.
+SMALL_TINY = TinyConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    vocab_size=300,
+    pretrain_steps=20,
+    pretrain_batch_size=4,
+    pretrain_seq_len=32,
+    pretrain_lr=1e-2,
+)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

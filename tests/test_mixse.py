@@ -433,3 +433,25 @@ def test_a_moved_outputs_tree_still_loads(expert_dirs, inputs, tmp_path):
     shutil.move(tree, tmp_path / "b")
     loaded = load_mixse(tiny_base(), tmp_path / "b" / "mixse")
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_router_training_loss_adds_the_load_balancing_term(expert_dirs, inputs):
+    """RouterLitModule: loss = NLL + coef * mean over layers of the padding-aware balance loss."""
+    from selfmoe.config import RouterConfig
+    from selfmoe.training.router import RouterLitModule
+
+    model = mixse(expert_dirs, top_k=2)
+    batch = {**inputs, "labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)}
+    module = RouterLitModule(model, RouterConfig(experts=EXPERTS, aux_loss_coef=0.5))
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    loss = module.training_loss(batch)
+    model.mixse.record = True
+    nll = model(**inputs, labels=batch["labels"]).loss
+    aux = torch.stack(
+        [load_balancing_loss(r.probs, r.gates, inputs["attention_mask"]) for r in model.mixse.records]
+    ).mean()
+    torch.testing.assert_close(loss, nll + 0.5 * aux)
+    loss.backward()
+    assert model.mixse.router.weight.grad is not None and not model.mixse.collect_aux
+    plain = RouterLitModule(mixse(expert_dirs, top_k=2), RouterConfig(experts=EXPERTS))
+    torch.testing.assert_close(plain.training_loss(batch), nll)

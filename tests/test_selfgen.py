@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import SMALL_TINY
 
-from selfmoe.config import BrainstormConfig, ChecksConfig, DataConfig, DomainConfig, TinyConfig
+from selfmoe.config import BrainstormConfig, ChecksConfig, DataConfig, DomainConfig
 from selfmoe.data.generation import Completion, TextGenerator, Throughput
 from selfmoe.data.prompts import RESPONSE_STOPS, brainstorm_prompt, response_prompt
 from selfmoe.data.schema import Example
@@ -358,18 +359,7 @@ PROMPTS = ["the cat", "### Instruction:\nWhat is 2 + 2?\n\n### Response:\n"]  # 
 
 @pytest.fixture(scope="module")
 def generator():
-    cfg = TinyConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        vocab_size=300,
-        pretrain_steps=150,
-        pretrain_batch_size=8,
-        pretrain_seq_len=32,
-        pretrain_lr=1e-2,
-    )
+    cfg = replace(SMALL_TINY, pretrain_steps=150, pretrain_batch_size=8)
     model, tok, _ = make_tiny(CORPUS, cfg)
     return TextGenerator(model, tok)
 

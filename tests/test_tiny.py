@@ -8,24 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_TINY
 
-from selfmoe.config import Config, TinyConfig, load_config
+from selfmoe.config import Config, load_config
 from selfmoe.errors import OfflineError, SelfMoEError
 from selfmoe.models.base import ensure_tiny, load_base, model_id, resolve_model_path
 from selfmoe.models.tiny import SPECIAL, make_tiny
 
-SMALL = TinyConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    vocab_size=300,
-    pretrain_steps=20,
-    pretrain_batch_size=4,
-    pretrain_seq_len=32,
-    pretrain_lr=1e-2,
-)
+SMALL = SMALL_TINY
 CORPUS = [
     "Task 1:\nAdd two and three.\n\nTask 2:\nAdd four and five.\n\n" * 3,
     "### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4.\n\n" * 3,
