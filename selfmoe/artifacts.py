@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,15 +127,6 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def hash_files(paths: list[str | Path]) -> str:
-    """One hash over several files (names and contents), order-independent."""
-    h = hashlib.sha256()
-    for p in sorted(Path(p) for p in paths):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes an artifact."""
     out = {"python": platform.python_version()}
@@ -155,7 +145,3 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def now() -> float:
-    return time.time()

@@ -95,11 +95,11 @@ def model_id(cfg: Config) -> str:
     return cfg.model.path + (f"@{cfg.model.revision}" if cfg.model.revision else "")
 
 
-def tiny_key(cfg: Config) -> str:
+def tiny_key(cfg: Config, corpus: list[str] | None = None) -> str:
+    """What the tiny model is made from: its config and its pretraining corpus."""
     from selfmoe.data.prompts import pretraining_corpus
 
-    corpus = pretraining_corpus(cfg)
-    return sha256_text(repr((fingerprint(cfg, "tiny"), corpus)))
+    return sha256_text(repr((fingerprint(cfg, "tiny"), corpus if corpus is not None else pretraining_corpus(cfg))))
 
 
 def ensure_tiny(cfg: Config) -> Path:
@@ -109,7 +109,7 @@ def ensure_tiny(cfg: Config) -> Path:
 
     target = Layout.for_model(cfg.output_dir, cfg.model.name).base
     corpus = pretraining_corpus(cfg)
-    key = sha256_text(repr((fingerprint(cfg, "tiny"), corpus)))
+    key = tiny_key(cfg, corpus)
     manifest = read_manifest(target)
     if manifest and manifest.get("key") == key and (target / "config.json").is_file():
         return target

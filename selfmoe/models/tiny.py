@@ -72,9 +72,10 @@ def _packed_blocks(corpus: list[str], tokenizer: PreTrainedTokenizerFast, seq_le
     for doc in corpus:
         ids.extend(tokenizer(doc)["input_ids"])
         ids.append(tokenizer.eos_token_id)
-    n = max(1, len(ids) // seq_len)
-    ids = (ids * math.ceil(n * seq_len / max(len(ids), 1)))[: n * seq_len] if len(ids) < seq_len else ids[: n * seq_len]
-    return torch.tensor(ids, dtype=torch.long).view(n, seq_len)
+    if len(ids) < seq_len:  # a corpus shorter than one block is repeated to fill it
+        ids = ids * math.ceil(seq_len / len(ids))
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def pretrain(
