@@ -236,9 +236,6 @@ class MiXSE(nn.Module):
             self.aux_records[layer] = (probs, gates)
         return gates
 
-    def router_parameters(self) -> list[nn.Parameter]:
-        return list(self.router.parameters())
-
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")

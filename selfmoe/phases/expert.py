@@ -21,13 +21,13 @@ from peft import LoraConfig, get_peft_model
 from selfmoe.artifacts import Layout, atomic_dir
 from selfmoe.config import Config, grad_accumulation
 from selfmoe.models.base import load_base, model_id
+from selfmoe.models.mixse import ADAPTER_FILES
 from selfmoe.phases import generate
 from selfmoe.phases.common import artifact_key, is_done, resume_point, write_metadata
 from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.expert import ExpertLitModule
 from selfmoe.training.trainer import build_trainer
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EXPERT_FILES = (*ADAPTER_FILES, "config.yaml", "manifest.json")
 
 
@@ -60,7 +60,8 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
     target = layout.expert(name)
     hashes = data_hashes(data_dirs)
-    key = artifact_key(cfg, ("model", "expert", "seed"), base=model_id(cfg), data=hashes)
+    base_id = model_id(cfg)
+    key = artifact_key(cfg, ("model", "expert", "seed"), base=base_id, data=hashes)
     if is_done(target, key, cfg, f"expert {name!r}", EXPERT_FILES):
         return target
     started = time.time()
@@ -94,7 +95,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
                     "domain": name,
                     "domains": sorted(data_dirs),
                     "key": key,
-                    "base_model": model_id(cfg),
+                    "base_model": base_id,
                     "data": hashes,
                     **training_manifest(cfg, trainer, module, datamodule, cfg.expert),
                     "metrics": {

@@ -55,7 +55,8 @@ def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Pat
     target = Layout.for_model(cfg.output_dir, cfg.model.name).data(domain)
     seeds = load_seeds(domain, seed_source(cfg, domain), count=dom.seeds.count, seed=cfg.seed)
     seeds_hash = sha256_text("\n".join(repr(s.to_dict()) for s in seeds))
-    key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=model_id(cfg), seeds=seeds_hash)
+    base_id = model_id(cfg)
+    key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=base_id, seeds=seeds_hash)
     if is_done(target, key, cfg, f"data for {domain!r}", DATA_FILES):
         return target
     gen = TextGenerator(*(base or lazy_base(cfg))())
@@ -102,7 +103,7 @@ def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Pat
                 "kind": "data",
                 "domain": domain,
                 "key": key,
-                "base_model": model_id(cfg),
+                "base_model": base_id,
                 "seed_source": cfg.data.seed_source,
                 "seed_ids": [s.id for s in seeds],
                 "requested": target_count,

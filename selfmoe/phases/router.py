@@ -55,15 +55,14 @@ def settings_of(router: RouterConfig) -> RouterSettings:
     )
 
 
-def expert_dirs(cfg: Config) -> dict[str, Path]:
-    """The trained experts MiXSE composes; fails fast naming any that are missing or foreign."""
+def expert_dirs(cfg: Config, base: str) -> dict[str, Path]:
+    """The trained experts MiXSE composes; fails fast naming any not trained, or not on ``base``."""
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
     dirs = {d: layout.expert(d) for d in cfg.router.experts}
     missing = [d for d, p in dirs.items() if not (p / "adapter_model.safetensors").is_file()]
     if missing:
         hint = " ".join(f"`make expert DOMAIN={d}`" for d in missing)
         raise SelfMoEError(f"missing expert(s) {missing} under {layout.root / 'experts'}: train them first ({hint}).")
-    base = model_id(cfg)
     for domain, path in dirs.items():
         made_from = (read_manifest(path) or {}).get("base_model")
         if made_from is not None and made_from != base:
@@ -76,7 +75,9 @@ def expert_dirs(cfg: Config) -> dict[str, Path]:
 
 def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     r = cfg.router
-    experts = expert_dirs(cfg)
+    base_id = model_id(cfg)
+    experts = expert_dirs(cfg, base_id)
+    expert_paths = {d: str(p) for d, p in experts.items()}
     data_dirs = generate.run(cfg, r.experts)
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
     target = layout.root / r.name
@@ -84,7 +85,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     key = artifact_key(
         cfg,
         ("model", "router", "seed"),
-        base=model_id(cfg),
+        base=base_id,
         experts={d: adapter_hash(p) for d, p in experts.items()},
         data=hashes,
     )
@@ -121,7 +122,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
     metrics = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
     if trainer.is_global_zero:
         with atomic_dir(target) as tmp:
-            save_mixse(model, tmp, base_model=model_id(cfg), expert_dirs={d: str(p) for d, p in experts.items()})
+            save_mixse(model, tmp, base_model=base_id, expert_dirs=expert_paths)
             if routing_dir.is_dir():
                 shutil.copytree(routing_dir, tmp / "routing")
             write_metadata(
@@ -131,8 +132,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
                     "kind": "mixse",
                     "name": r.name,
                     "key": key,
-                    "base_model": model_id(cfg),
-                    "experts": {d: str(p) for d, p in experts.items()},
+                    "base_model": base_id,
+                    "experts": expert_paths,
                     "data": hashes,
                     **training_manifest(cfg, trainer, module, datamodule, r),
                     "metrics": metrics,
