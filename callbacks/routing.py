@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from callbacks.plots import heatmap_png, token_routing_html, token_routing_png
+from selfmoe.plots import heatmap_png, token_routing_html, token_routing_png
 from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

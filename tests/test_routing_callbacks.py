@@ -19,7 +19,7 @@ import torch
 from matplotlib.colors import to_rgb
 from torch.utils.data import DataLoader
 
-from callbacks.plots import (
+from selfmoe.plots import (
     DPI,
     expert_colors,
     heatmap_figsize,

@@ -275,3 +275,31 @@ def token_routing_png(
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(MARGIN / w, 1 - (MARGIN + TITLE_H) / h),
                ncol=geo.legend_cols, frameon=False, fontsize=9, borderaxespad=0, borderpad=0)  # fmt: skip
     return _png_bytes(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# line charts
+# ---------------------------------------------------------------------------------------------
+
+
+def line_png(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    dpi: int = DPI,
+) -> bytes:
+    """One line with markers per series of ``(x, y)`` points (sorted by x), e.g. a data-size sweep."""
+    fig = Figure(figsize=(6.4, 4.2), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    for (name, points), colour in zip(series.items(), expert_colors(len(series)), strict=True):
+        xs, ys = zip(*sorted(points), strict=True) if points else ((), ())
+        ax.plot(xs, ys, marker="o", color=colour, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    return _png_bytes(fig)
