@@ -24,10 +24,16 @@ TRAINER := trainer=ddp trainer.devices=$(GPUS)
 endif
 RUN := $(PY) -m selfmoe
 COMMON = model=$(MODEL) $(TRAINER) $(ARGS)
+NAME ?= table1
+# Code-executing benchmarks (HumanEval, MBPP, the smoke code task) run model-written code: they
+# need both switches, which EVAL_UNSAFE=1 sets. Use a container or VM (README, "Reliability").
+EVAL_UNSAFE ?=
+UNSAFE = $(if $(filter 1,$(EVAL_UNSAFE)),HF_ALLOW_CODE_EVAL=1,)
+UNSAFE_ARGS = $(if $(filter 1,$(EVAL_UNSAFE)),eval.confirm_run_unsafe_code=true,)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data expert experts router test test-fast lint clean
+.PHONY: help install demo data expert experts router baselines eval report experiment test test-fast lint clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,9 +47,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
 	@touch $@
 
-demo: $(STAMP) ## data -> experts -> router for all four domains on the built-in tiny model (offline, CPU)
+# The demo opts in to running the tiny model's completions of the smoke suite's 8 toy functions
+# (each in an isolated, time- and memory-limited subprocess).
+demo: $(STAMP) ## the whole method on the built-in tiny model (offline, CPU): data, experts, router, baselines, eval, report
 	$(RUN) experts model=tiny $(ARGS)
 	$(RUN) router model=tiny $(ARGS)
+	$(RUN) expert domain=all model=tiny $(ARGS)
+	$(RUN) merge model=tiny $(ARGS)
+	HF_ALLOW_CODE_EVAL=1 $(RUN) eval model=tiny eval.confirm_run_unsafe_code=true $(ARGS)
+	$(RUN) report model=tiny $(ARGS)
 
 data: $(STAMP) ## self-generate DOMAIN's training data
 	$(RUN) generate domain=$(DOMAIN) $(COMMON)
@@ -56,6 +68,19 @@ experts: $(STAMP) ## train every domain's expert
 
 router: $(STAMP) ## MiXSE: compose the experts and train the router (fails fast if an expert is missing)
 	$(RUN) router $(COMMON)
+
+baselines: $(STAMP) ## instance merging (the LoRA of DOMAIN=all) and the TIES/DARE weight merges of the experts
+	$(RUN) expert domain=all $(COMMON)
+	$(RUN) merge $(COMMON)
+
+eval: $(STAMP) ## lm-eval over eval.targets on eval.suite -> outputs/<model>/eval/summary.md (EVAL_UNSAFE=1: code tasks)
+	$(UNSAFE) $(RUN) eval $(COMMON) $(UNSAFE_ARGS)
+
+report: $(STAMP) ## results tables + routing figures + provenance -> outputs/<model>/report/report.md
+	$(RUN) report $(COMMON)
+
+experiment: $(STAMP) ## a paper table/figure end to end: NAME=table1|table2|table3|table4|fig5|table8|variance
+	$(UNSAFE) $(RUN) experiment experiment=$(NAME) $(COMMON) $(UNSAFE_ARGS)
 
 test: $(STAMP) ## the offline test suite (unit, integration, slow)
 	$(PY) -m pytest -q

@@ -25,22 +25,33 @@ phases:
   expert     train the LoRA expert of domain=<d> (all = instance merging); generates data if missing
   experts    train every domain's expert
   router     compose the experts into MiXSE and train its router (router.* keys)
+  merge      the weight-merging baselines of the experts (merge.methods: ties, dare, linear)
+  eval       evaluate eval.targets on eval.suite through lm-eval; writes the results table
+  report     one markdown report: results tables, routing figures, provenance
+  experiment run a paper table or figure end to end: experiment=<table1|table2|...>
   config     print the resolved config: python -m selfmoe config <phase> [key=value ...]
 
 examples:
   python -m selfmoe generate domain=math
   python -m selfmoe expert domain=math model=gemma-7b trainer=gpu
+  python -m selfmoe eval eval.targets=[base,mixse] eval.suite=paper eval.limit=100
+  python -m selfmoe experiment experiment=table1
 """
 
 
 def _phases() -> dict[str, tuple[str, Callable]]:
-    from selfmoe.phases import expert, generate, router
+    from selfmoe.phases import eval as evaluate
+    from selfmoe.phases import experiment, expert, generate, merge, report, router
 
     return {
         "generate": ("generate", generate.run),
         "expert": ("expert", expert.run),
         "experts": ("expert", expert.run_all),
         "router": ("router", router.run),
+        "merge": ("merge", merge.run),
+        "eval": ("eval", evaluate.run),
+        "report": ("report", report.run),
+        "experiment": ("experiment", experiment.run),
     }
 
 

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from selfmoe.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PHASES = ("generate", "expert", "router")
+PHASES = ("generate", "expert", "router", "merge", "eval", "report", "experiment")
 ALL_DOMAINS = "all"  # the union of every domain: the instance-merging baseline
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -105,6 +105,7 @@ class ChecksConfig:
 class EvalTaskConfig:
     task: str = ""
     num_fewshot: int = 0
+    metric: str | None = None  # lm-eval's "metric,filter" key for tables; null: the task's first metric
 
 
 @dataclass
@@ -191,6 +192,65 @@ class RouterConfig(OptimConfig):
     epochs: int = 1  # unpublished
 
 
+MERGE_METHODS = ("linear", "ties", "dare", "dare_ties")
+
+
+@dataclass
+class MergeConfig:
+    """Weight merging of the experts in ΔW space (PAPER §1.4; the paper leaves settings unpublished)."""
+
+    methods: list[str] = field(default_factory=lambda: ["ties", "dare"])  # what `make baselines` builds
+    experts: list[str] | None = None  # null: router.experts
+    weights: list[float] | None = None  # linear, dare: λ_i per expert; null: 1/N
+    density: float = 0.2  # ties: share of each ΔW kept by magnitude (the TIES paper's k = 20 %)
+    drop_rate: float = 0.9  # dare, dare_ties: drop probability p (survivors are rescaled by 1/(1-p))
+    scale: float = 1.0  # ties, dare_ties: λ on the disjoint mean
+    dtype: str = "float32"  # of the saved ΔW: float32 | bfloat16 | float16
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation through lm-eval (PAPER §2): which targets, which suite, how."""
+
+    suite: str = "paper"
+    scale: str = "full"  # full | smoke (every suite becomes `smoke`: the tiny model's setting)
+    suites: dict[str, list[EvalTaskConfig]] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    limit: float | None = None  # per task: a count, or a fraction below 1
+    batch_size: int = 8
+    max_length: int | None = None  # null: model.max_length
+    seeds: list[int] = field(default_factory=lambda: [1234])  # few-shot draws; several give mean ± std
+    confirm_run_unsafe_code: bool = False  # with HF_ALLOW_CODE_EVAL=1: allow code-executing tasks
+    include_paths: list[str] = field(default_factory=list)  # extra lm-eval task dirs (local mirrors)
+    routing_docs: int = 32  # docs per task in MiXSE's routing pass (0: off)
+    log_samples: bool = True
+
+
+@dataclass
+class ExperimentRow:
+    """One method of a paper table (or one point of a figure): a target built under overrides."""
+
+    label: str = ""
+    target: str = "base"
+    overrides: list[str] = field(default_factory=list)
+    smoke_overrides: list[str] = field(default_factory=list)  # added at eval.scale=smoke
+    series: str | None = None  # line plots: the curve this point belongs to
+    x: float | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A paper table or figure (configs/experiment/<name>.yaml, selected by `experiment=<name>`)."""
+
+    name: str = ""
+    title: str = ""
+    kind: str = "table"  # table | line
+    suite: str | None = None  # null: eval.suite
+    seeds: list[int] | None = None  # null: eval.seeds
+    x_label: str = ""
+    rows: list[ExperimentRow] = field(default_factory=list)
+
+
 @dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
@@ -219,6 +279,9 @@ class Config:
     expert: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     domains: dict[str, DomainConfig] = field(default_factory=dict)
 
     @property
@@ -227,7 +290,7 @@ class Config:
         return sorted(self.domains) if self.domain == ALL_DOMAINS else [self.domain]
 
 
-SELECTORS = ("model", "trainer")  # `model=gemma-7b` picks a file; `model.dtype=...` sets a field
+SELECTORS = ("model", "trainer", "experiment")  # `model=gemma-7b` picks a file; `model.dtype=...` sets a field
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -287,7 +350,7 @@ def load_config(phase: str, overrides: list[str] | None = None) -> Config:
     defaults = base.pop("defaults", {}) or {}
     cfg = OmegaConf.structured(Config)
     cfg = _merge(cfg, base, "configs/base.yaml")
-    for kind in ("trainer", "model"):
+    for kind in ("trainer", "model", "experiment"):
         name = selected.get(kind, defaults.get(kind))
         if name:
             cfg = _merge(cfg, _layer(kind, name), f"configs/{kind}/{name}.yaml")
@@ -360,6 +423,8 @@ def validate(cfg: Config) -> None:
     for section in ("expert", "router"):
         _validate_optim(getattr(cfg, section), section, world_size(t))
     _validate_router(cfg)
+    _validate_merge(cfg)
+    _validate_eval(cfg)
 
 
 def _validate_optim(o: OptimConfig, section: str, world: int) -> None:
@@ -414,6 +479,24 @@ def grad_accumulation(cfg: Config) -> int:
     return o.global_batch_size // (o.micro_batch_size * world_size(cfg.trainer))
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with dotted ``key=value`` overrides applied and validated (no file selectors)."""
+    selected, dotted = _parse_overrides(list(overrides))
+    if selected:
+        raise ConfigError(f"{sorted(selected)} pick config files; they cannot change inside a run: {overrides}.")
+    try:
+        cli = OmegaConf.from_dotlist(dotted)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {dotted}: {exc}") from None
+    merged = _merge(OmegaConf.structured(cfg), cli, f"overrides {dotted}")
+    try:
+        obj: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
+    validate(obj)
+    return obj
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config, as written next to every artifact."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -430,3 +513,43 @@ def fingerprint(cfg: Config, *sections: str) -> dict[str, Any]:
             node = node[part]
         out[dotted] = node
     return out
+
+
+def _validate_merge(cfg: Config) -> None:
+    m = cfg.merge
+    experts = m.experts if m.experts is not None else cfg.router.experts
+    unknown = [d for d in experts if d not in cfg.domains]
+    _check(bool(experts) and not unknown, f"merge.experts={experts}: name known domains ({sorted(cfg.domains)}).")
+    _check(
+        m.weights is None or len(m.weights) == len(experts),
+        f"merge.weights has {len(m.weights or [])} values for {len(experts)} experts: give one per expert or null.",
+    )
+    bad = [x for x in m.methods if x not in MERGE_METHODS]
+    _check(not bad, f"merge.methods: unknown {bad}; use {list(MERGE_METHODS)}.")
+    _check(0.0 < m.density <= 1.0, f"merge.density={m.density}: must be in (0, 1].")
+    _check(0.0 <= m.drop_rate < 1.0, f"merge.drop_rate={m.drop_rate}: must be in [0, 1).")
+    _check(m.dtype in ("float32", "bfloat16", "float16"), f"merge.dtype={m.dtype!r}: use float32, bfloat16 or float16.")
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _check(e.scale in ("full", "smoke"), f"eval.scale={e.scale!r}: use full or smoke.")
+    suite = suite_name(cfg)
+    _check(suite in e.suites, f"eval.suite={suite!r} is not defined; suites: {sorted(e.suites)} (see eval.suites).")
+    for name, tasks in e.suites.items():
+        for t in tasks:
+            _check(bool(t.task) and t.num_fewshot >= 0, f"eval.suites.{name}: every entry needs a task and shots >= 0.")
+    _check(e.batch_size > 0, "eval.batch_size must be > 0.")
+    _check(e.limit is None or e.limit > 0, "eval.limit must be > 0 (a count, or a fraction below 1) or null.")
+    _check(bool(e.seeds), "eval.seeds is empty: give at least one few-shot seed.")
+    _check(e.routing_docs >= 0, "eval.routing_docs must be >= 0.")
+    x = cfg.experiment
+    _check(x.kind in ("table", "line"), f"experiment.kind={x.kind!r}: use table or line.")
+    _check(x.suite is None or x.suite in e.suites, f"experiment.suite={x.suite!r} is not one of {sorted(e.suites)}.")
+
+
+def suite_name(cfg: Config) -> str:
+    """The suite to run: the experiment's or eval.suite, and always `smoke` at smoke scale."""
+    if cfg.eval.scale == "smoke":
+        return "smoke"
+    return cfg.experiment.suite or cfg.eval.suite

@@ -55,10 +55,10 @@ def settings_of(router: RouterConfig) -> RouterSettings:
     )
 
 
-def expert_dirs(cfg: Config, base: str) -> dict[str, Path]:
-    """The trained experts MiXSE composes; fails fast naming any not trained, or not on ``base``."""
+def expert_dirs(cfg: Config, base: str, experts: list[str] | None = None) -> dict[str, Path]:
+    """The trained experts (default: router.experts); fails fast naming any not trained, or not on ``base``."""
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
-    dirs = {d: layout.expert(d) for d in cfg.router.experts}
+    dirs = {d: layout.expert(d) for d in (cfg.router.experts if experts is None else experts)}
     missing = [d for d, p in dirs.items() if not (p / "adapter_model.safetensors").is_file()]
     if missing:
         hint = " ".join(f"`make expert DOMAIN={d}`" for d in missing)

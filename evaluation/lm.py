@@ -1,0 +1,61 @@
+"""The lm-eval model ``selfmoe``: any target of this project, handed to lm-eval in memory.
+
+It is lm-eval's own ``HFLM`` (so loglikelihoods, batching and generation are lm-eval's) around
+a model object that :mod:`evaluation.targets` builds from config. Three ways to use it:
+
+- ``make eval`` / ``python -m selfmoe eval`` (the runner builds it with the resolved config);
+- Python: ``import evaluation.lm`` registers it, then
+  ``lm_eval.simple_evaluate(model="selfmoe", model_args="target=mixse,model=tiny", ...)``;
+- the stock CLI, through our thin entry point that imports the registration first:
+  ``python -m evaluation.cli run --model selfmoe --model_args target=expert:math,model=gemma-7b
+  --tasks gsm8k_cot``. ``overrides`` takes space-separated config ``key=value`` pairs
+  (``--model_args "target=mixse,overrides=output_dir=runs/a router.name=mixse-top2"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from evaluation.targets import BuiltTarget, build_target, parse_target
+from selfmoe.config import Config, load_config
+
+
+def default_device(cfg: Config) -> str:
+    """The first GPU when there is one and the trainer config asks for GPUs, else the CPU."""
+    wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+@register_model("selfmoe")
+class SelfMoELM(HFLM):
+    """``HFLM`` over a target built from config (see :mod:`evaluation.targets`)."""
+
+    def __init__(
+        self,
+        target: str = "base",
+        model: str | None = None,
+        overrides: str = "",
+        cfg: Config | None = None,
+        built: BuiltTarget | None = None,
+        batch_size: int | str | None = None,
+        max_length: int | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if cfg is None:
+            cfg = load_config("eval", ([f"model={model}"] if model else []) + overrides.split())
+        if built is None:
+            built = build_target(cfg, parse_target(target, cfg), device or default_device(cfg))
+        self.cfg, self.built = cfg, built
+        # A model object makes HFLM single-process and ignore `device`; the rest are lm-eval's own.
+        super().__init__(
+            pretrained=built.model,
+            tokenizer=built.tokenizer,
+            batch_size=batch_size or cfg.eval.batch_size,
+            max_length=max_length or cfg.eval.max_length or cfg.model.max_length,
+            **kwargs,
+        )
