@@ -573,3 +573,22 @@ def test_truncate_to_keeps_the_end_of_the_prompt(generator):
     batch = generator.generate([prompt, PROMPTS[0]], max_new_tokens=6, do_sample=False, truncate_to=limit)
     assert batch[0] == out and batch[1] == generator.generate([PROMPTS[0]], max_new_tokens=6, do_sample=False)[0]
     assert generator.context_length == SMALL_TINY.max_position
+
+
+def test_the_phase_counts_overlong_prompts_in_the_manifest(outputs):
+    """The tiny model with a context too small for whole brainstorming prompts: truncated, counted."""
+    import json
+
+    from conftest import make_config
+
+    from selfmoe.artifacts import Layout
+    from selfmoe.phases import generate
+
+    cfg = make_config("generate", outputs, "domain=math", "data.num_examples=4", "force=true")
+    context = cfg.data.max_new_tokens_brainstorm + 120  # a brainstorming prompt is longer than 120 tokens
+    extra = [f"data.context_length={context}", "data.overlong=truncate", "data.max_new_tokens_response=64"]
+    generate.run(make_config("generate", outputs, "domain=math", "data.num_examples=4", "force=true", *extra))
+    stats = json.loads((Layout.for_model(outputs, "tiny").data("math") / "manifest.json").read_text())["generation"]
+    assert stats["overlong_policy"] == "truncate"
+    assert stats["prompts_overlong"]["brainstorm"] == stats["brainstorm_batches"] * cfg.data.batch_size
+    assert stats["kept"] > 0
