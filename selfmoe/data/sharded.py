@@ -13,9 +13,10 @@ call with the same prompts, because every rank runs the same deterministic loop.
 4. gathers every rank's batches onto every rank and returns the completions in prompt order.
 
 So with greedy decoding, and with sampling too, the completions do not depend on the world
-size or on how often the run was interrupted: on the same hardware and library versions they
-are bitwise those of an uninterrupted single-process run. (Changing ``batch_size`` changes
-the padding of each batch, and with it, in the last bits, the numerics.)
+size or on how often the run was interrupted: on the same hardware, library versions and
+precision (on a CPU, also the same number of threads per process, which can change how a
+matmul is summed) they are bitwise those of an uninterrupted single-process run. Changing
+``batch_size`` changes the padding of each batch, and with it, in the last bits, the numerics.
 
 The ranks talk through a :class:`Collective`; this module knows nothing of Lightning or
 torch.distributed (see ``selfmoe.training.generate`` for the Lightning side).
