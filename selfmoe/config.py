@@ -134,6 +134,9 @@ class DataConfig:
     max_new_tokens_brainstorm: int = 512
     max_new_tokens_response: int = 512
     max_prompt_tokens: int = 2048  # longer prompts get fewer demonstrations
+    context_length: int | None = None  # prompt + new tokens must fit; null: the model's max_position_embeddings
+    overlong: str = "skip"  # skip | truncate (keep the end): prompts that do not fit the context even so
+    brainstorm_batches_per_round: int = 1  # batches per brainstorming round: >= GPUs keeps every rank busy
     max_brainstorm_batches: int | None = None  # cap on brainstorming batches (default: 20x the minimum)
     max_idle_batches: int = 5  # give up after this many batches in a row that add no instruction
     rouge_threshold: float = 0.7
@@ -401,6 +404,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 < d.rouge_threshold <= 1.0, f"data.rouge_threshold={d.rouge_threshold}: must be in (0, 1].")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1).")
     _check(d.batch_size > 0, "data.batch_size must be > 0.")
+    _check(d.overlong in ("skip", "truncate"), f"data.overlong={d.overlong!r}: use skip or truncate.")
+    _check(d.brainstorm_batches_per_round > 0, "data.brainstorm_batches_per_round must be > 0.")
+    _check(d.context_length is None or d.context_length > 0, "data.context_length must be > 0 (or null).")
     _check(d.temperature > 0 and 0 < d.top_p <= 1, "data.temperature must be > 0 and data.top_p in (0, 1].")
     _check(d.num_examples is None or d.num_examples > 0, "data.num_examples must be > 0 (or null).")
     _check(

@@ -72,6 +72,7 @@ class FakeGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         stop_strings: Sequence[str] = (),
+        truncate_to: int | None = None,
     ) -> list[Completion]:
         kwargs = {
             "max_new_tokens": max_new_tokens,
@@ -80,6 +81,7 @@ class FakeGenerator:
             "top_p": top_p,
             "seed": seed,
             "stop_strings": tuple(stop_strings),
+            "truncate_to": truncate_to,
         }
         self.calls.append((list(prompts), kwargs))
         if do_sample:
@@ -186,6 +188,9 @@ def test_scripted_stats(scripted):
             "too_short": 1,
         },
         "prompts_shortened": 0,
+        "prompts_overlong": {},
+        "overlong_policy": "skip",
+        "empty_generations": {},
         "instructions_cut": 0,
         "brainstorm_batches": 2,
         "generated_tokens": tokens,
@@ -366,7 +371,10 @@ def generator():
 
 def _greedy(gen: TextGenerator, prompt: str, max_new_tokens: int) -> list[int]:
     """Reference: argmax decoding by hand, one full forward pass per token, no padding, no cache."""
-    ids = gen.tokenizer(prompt)["input_ids"]
+    return _greedy_ids(gen, gen.tokenizer(prompt)["input_ids"], max_new_tokens)
+
+
+def _greedy_ids(gen: TextGenerator, ids: list[int], max_new_tokens: int) -> list[int]:
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -456,3 +464,131 @@ def test_task_drifting_into_the_response_format_is_cut_at_the_marker():
     result = self_generate(gen, DOMAIN, SEEDS, replace(DATA, max_idle_batches=1), target=1, seed=0)
     assert [e.instruction for e in result.items] == [task]
     assert result.instructions_cut == 1 and result.stats()["instructions_cut"] == 1
+
+
+# --- prompts too long for the context; empty generations ------------------------------------
+
+LONG = "Compute the total " + " ".join(["and then add one more apple"] * 5) + " to the basket."
+
+
+def _overlong_setup(policy: str) -> tuple[DataConfig, int, int]:
+    """A context where a 1-demo response prompt fits for POOL tasks but not for LONG (tokens = words)."""
+    short = len(response_prompt(DOMAIN, SEEDS[:1], POOL[0]).split())
+    assert all(len(response_prompt(DOMAIN, SEEDS[:1], t).split()) <= short for t in POOL[:4])
+    assert len(response_prompt(DOMAIN, SEEDS[:1], LONG).split()) > short
+    context = 32 + short
+    data = replace(
+        DATA, context_length=context, overlong=policy, max_new_tokens_response=32, max_new_tokens_brainstorm=8
+    )
+    assert len(brainstorm_prompt(DOMAIN, SEEDS[:2]).split()) <= context - 8  # brainstorm prompts fit
+    return data, context - 32, context - 8
+
+
+def _long_fake() -> FakeGenerator:
+    tasks = iter([POOL[0], LONG, POOL[1], POOL[2], POOL[3], POOL[4]])
+
+    def brainstorm(batch: int, index: int, first: str) -> tuple[str, bool]:
+        n = int(first)
+        return f"{next(tasks)}\n\nTask {n + 1}:\n{next(tasks)}\n\nTask {n + 2}:\n", True
+
+    return FakeGenerator(brainstorm, lambda instruction: ("The answer is 1.", True))
+
+
+def test_overlong_response_prompts_are_skipped_and_counted():
+    data, _, _ = _overlong_setup("skip")
+    gen = _long_fake()
+    result = self_generate(gen, DOMAIN, SEEDS, data, target=3, seed=0)
+    assert [(e.id, e.instruction) for e in result.items] == [
+        ("toy/gen-000000", POOL[0]),
+        ("toy/gen-000002", POOL[1]),
+        ("toy/gen-000003", POOL[2]),
+    ]
+    assert [(e.id, e.instruction, e.output, e.meta) for e in result.rejected] == [
+        ("toy/gen-000001", LONG, "", {"drop": "prompt_overlong"})
+    ]
+    assert LONG not in [_instruction_of(p) for p in gen.prompts(sampled=False)]  # never sent to the model
+    stats = result.stats()
+    assert stats["prompts_overlong"] == {"response": 1} and stats["overlong_policy"] == "skip"
+    assert stats["counts"]["prompt_overlong"] == 1
+    assert stats["prompts_shortened"] > 0  # the context budget also dropped demos
+    assert all(kw["truncate_to"] is None for _, kw in gen.calls)
+
+
+def test_overlong_prompts_are_truncated_when_configured():
+    data, response_limit, brainstorm_limit = _overlong_setup("truncate")
+    gen = _long_fake()
+    result = self_generate(gen, DOMAIN, SEEDS, data, target=3, seed=0)
+    assert [e.instruction for e in result.items] == [POOL[0], LONG, POOL[1]]  # answered from its truncated prompt
+    assert result.stats()["prompts_overlong"] == {"response": 1}
+    assert "prompt_overlong" not in result.counts
+    for _, kw in gen.calls:  # the generator cuts each prompt to its context share, keeping the end
+        assert kw["truncate_to"] == (brainstorm_limit if kw["do_sample"] else response_limit)
+
+
+def test_overlong_brainstorm_prompts_are_skipped_until_the_run_gives_up():
+    short = len(brainstorm_prompt(DOMAIN, SEEDS[:1]).split())
+    data = replace(DATA, context_length=DATA.max_new_tokens_brainstorm + short - 1, max_idle_batches=2)
+    gen = _pool_fake()
+    result = self_generate(gen, DOMAIN, SEEDS, data, target=2, seed=0)
+    assert result.items == [] and gen.prompts(sampled=True) == []
+    assert result.prompts_overlong == {"brainstorm": 2 * DATA.batch_size}
+
+
+def test_no_room_for_the_generation_is_a_config_error():
+    from selfmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.max_new_tokens_brainstorm=64 leaves no room"):
+        self_generate(_pool_fake(), DOMAIN, SEEDS, replace(DATA, context_length=64), target=1, seed=0)
+
+
+def test_empty_generations_are_counted_and_never_break_the_schema(tmp_path):
+    from selfmoe.data.schema import read_jsonl, write_jsonl
+
+    def brainstorm(batch: int, index: int, first: str) -> tuple[str, bool]:
+        if (batch, index) == (0, 0):
+            return f"{POOL[0]}\n\nTask {int(first) + 1}:\n{POOL[1]}", True
+        return (" \n ", True) if index == 0 else ("", False)
+
+    gen = FakeGenerator(brainstorm, lambda ins: ("", True) if ins == POOL[0] else ("The answer is 3.", True))
+    result = self_generate(gen, DOMAIN, SEEDS, replace(DATA, max_idle_batches=2), target=2, seed=0)
+    assert [e.instruction for e in result.items] == [POOL[1]]
+    assert [(e.instruction, e.output, e.meta) for e in result.rejected] == [(POOL[0], "", {"drop": "empty_response"})]
+    # batch 0: one empty; then two idle batches of two empty generations each
+    assert result.empty_generations == {"brainstorm": 5, "response": 1}
+    assert result.counts["malformed"] == 0  # an empty generation is not a parse failure
+    write_jsonl(tmp_path / "raw.jsonl", [*result.items, *result.rejected])
+    assert read_jsonl(tmp_path / "raw.jsonl") == [*result.items, *result.rejected]
+
+
+def test_truncate_to_keeps_the_end_of_the_prompt(generator):
+    tok = generator.tokenizer
+    prompt = PROMPTS[1]
+    ids = tok(prompt)["input_ids"]
+    limit = len(ids) - 4
+    (out,) = generator.generate([prompt], max_new_tokens=6, do_sample=False, truncate_to=limit)
+    kept = [ids[0], *ids[-(limit - 1) :]]  # BOS, then the last tokens
+    assert ids[0] == tok.bos_token_id
+    ref = _greedy_ids(generator, kept, 6)
+    assert out.text == tok.decode(ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
+    batch = generator.generate([prompt, PROMPTS[0]], max_new_tokens=6, do_sample=False, truncate_to=limit)
+    assert batch[0] == out and batch[1] == generator.generate([PROMPTS[0]], max_new_tokens=6, do_sample=False)[0]
+    assert generator.context_length == SMALL_TINY.max_position
+
+
+def test_the_phase_counts_overlong_prompts_in_the_manifest(outputs):
+    """The tiny model with a context too small for whole brainstorming prompts: truncated, counted."""
+    import json
+
+    from conftest import make_config
+
+    from selfmoe.artifacts import Layout
+    from selfmoe.phases import generate
+
+    cfg = make_config("generate", outputs, "domain=math", "data.num_examples=4", "force=true")
+    context = cfg.data.max_new_tokens_brainstorm + 120  # a brainstorming prompt is longer than 120 tokens
+    extra = [f"data.context_length={context}", "data.overlong=truncate", "data.max_new_tokens_response=64"]
+    generate.run(make_config("generate", outputs, "domain=math", "data.num_examples=4", "force=true", *extra))
+    stats = json.loads((Layout.for_model(outputs, "tiny").data("math") / "manifest.json").read_text())["generation"]
+    assert stats["overlong_policy"] == "truncate"
+    assert stats["prompts_overlong"]["brainstorm"] == stats["brainstorm_batches"] * cfg.data.batch_size
+    assert stats["kept"] > 0

@@ -2,14 +2,16 @@
 
 A thin layer over ``model.generate`` that returns each completion's text, whether it ended on
 its own (EOS or a stop string) or was cut by the token limit, and how many tokens it took.
-Sampling is seeded per call without touching the global RNG state.
+Sampling is seeded per call without touching the global RNG state. A prompt longer than
+``truncate_to`` tokens keeps its last ``truncate_to`` tokens (the end is what the model continues).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,6 +22,16 @@ class Completion:
     text: str
     complete: bool  # ended by EOS or a stop string, not by max_new_tokens
     num_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Completion:
+        text, complete, num_tokens = row["text"], row["complete"], row["num_tokens"]
+        if not (isinstance(text, str) and isinstance(complete, bool) and isinstance(num_tokens, int)):
+            raise ValueError(f"not a completion: {row!r}")
+        return cls(text=text, complete=complete, num_tokens=num_tokens)
 
 
 @dataclass
@@ -44,6 +56,11 @@ class TextGenerator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model can attend to (prompt + completion), when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -58,10 +75,11 @@ class TextGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         stop_strings: Sequence[str] = (),
+        truncate_to: int | None = None,
     ) -> list[Completion]:
+        """One batch: every prompt is decoded together with the others, left-padded."""
         tok = self.tokenizer
-        tok.padding_side = "left"
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        enc = self._encode(prompts, truncate_to)
         # top_k=0 switches off the top-50 default of many generation configs: PAPER §1.1 samples
         # with temperature and top-p only.
         sampling = (
@@ -90,6 +108,19 @@ class TextGenerator:
         self.throughput.tokens += sum(c.num_tokens for c in results)
         self.throughput.seconds += elapsed
         return results
+
+    def _encode(self, prompts: Sequence[str], truncate_to: int | None):
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if truncate_to is None:
+            return tok(list(prompts), return_tensors="pt", padding=True).to(self.device)
+        side = tok.truncation_side
+        tok.truncation_side = "left"  # keep the end: the open header or instruction the model must continue
+        try:
+            enc = tok(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=truncate_to)
+        finally:
+            tok.truncation_side = side
+        return enc.to(self.device)
 
     def _completion(self, ids: list[int], max_new_tokens: int, stop_strings: Sequence[str]) -> Completion:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

@@ -4,6 +4,11 @@ Writes ``outputs/<model>/data/<domain>/``: ``train.jsonl`` and ``val.jsonl`` (th
 split), ``raw.jsonl`` (every answered instruction, dropped ones with ``meta.drop``),
 ``seeds.jsonl`` (the seeds used), ``config.yaml`` and ``manifest.json`` (seed ids, counts per
 filter, throughput). A finished set made with the same settings is reused.
+
+Generation runs on the devices of ``cfg.trainer`` (``trainer=ddp trainer.devices=N``): each call's
+batches are spread over the ranks and merged in order, so the data does not depend on the
+world size. Finished batches are journaled in ``<data dir>/partial/``; a killed run resumes
+from them when rerun with the same settings, and the journal goes when the artifact is written.
 """
 
 from __future__ import annotations
@@ -12,21 +17,27 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfmoe.artifacts import Layout, atomic_dir, sha256_text
 from selfmoe.config import Config
 from selfmoe.data.generation import TextGenerator
-from selfmoe.data.schema import write_jsonl
+from selfmoe.data.journal import BatchJournal
+from selfmoe.data.schema import Example, write_jsonl
 from selfmoe.data.seeds import load_seeds
 from selfmoe.data.selfgen import domain_seed, self_generate, split_train_val
+from selfmoe.data.sharded import Collective, ShardedGenerator
 from selfmoe.errors import DataError
 from selfmoe.models.base import load_base, model_id
-from selfmoe.phases.common import artifact_key, device_for, is_done, log, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, log, write_metadata
 from selfmoe.progress import make_progress
+from selfmoe.training.generate import run_on_ranks
 
+PARTIAL_DIR = "partial"  # the journal of an unfinished run, inside the data dir
 DATA_FILES = ("train.jsonl", "val.jsonl", "raw.jsonl", "seeds.jsonl", "config.yaml", "manifest.json")
 
 
@@ -39,8 +50,11 @@ BaseLoader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
 
 def lazy_base(cfg: Config) -> BaseLoader:
-    """The base model, loaded on first call only: finished domains never pay for loading it."""
-    return functools.cache(lambda: load_base(cfg, device=device_for(cfg)))
+    """The base model, loaded on first call only: finished domains never pay for loading it.
+
+    It is loaded on the CPU: the generation strategy moves it to each rank's device.
+    """
+    return functools.cache(lambda: load_base(cfg))
 
 
 def run(cfg: Config, domains: list[str] | None = None) -> dict[str, Path]:
@@ -59,58 +73,99 @@ def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Pat
     key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=base_id, seeds=seeds_hash)
     if is_done(target, key, cfg, f"data for {domain!r}", DATA_FILES):
         return target
-    gen = TextGenerator(*(base or lazy_base(cfg))())
-    target_count = cfg.data.num_examples or dom.num_examples
-    started = time.time()
-    with make_progress() as progress:
-        tasks = {
-            stage: progress.add_task(f"{domain}: {stage}", total=target_count, rate="")
-            for stage in ("brainstorm", "respond")
-        }
-
-        def report(stage: str, done: int, total: int) -> None:
-            rate = f"{gen.throughput.tokens_per_second:,.0f} tok/s"
-            progress.update(tasks[stage], completed=done, total=total, rate=rate)
-
-        result = self_generate(gen, dom, seeds, cfg.data, target=target_count, seed=cfg.seed, progress=report)
-    stats = result.stats()
-    # Falling short of the target is legal (the model stopped producing usable items) but loud.
-    log.log(
-        logging.INFO if len(result.items) == target_count else logging.WARNING,
-        "%s: kept %d of %d requested; drops %s; %.0f tok/s",
-        domain,
-        len(result.items),
-        target_count,
-        stats["counts"],
-        stats["tokens_per_second"],
-    )
-    if not result.items:
-        raise DataError(
-            f"self-generation for {domain!r} kept no items (drops by reason: {stats['counts']}). "
-            "The model did not follow the prompt format: check configs/domain/"
-            f"{domain}.yaml (checks, prompts) or raise data.max_new_tokens_*."
-        )
-    train, val = split_train_val(result.items, cfg.data.val_fraction, domain_seed(cfg.seed, domain))
-    with atomic_dir(target) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "val.jsonl", val)
-        write_jsonl(tmp / "raw.jsonl", [*result.items, *result.rejected])
-        write_jsonl(tmp / "seeds.jsonl", seeds)
-        write_metadata(
-            tmp,
-            cfg,
-            {
-                "kind": "data",
-                "domain": domain,
-                "key": key,
-                "base_model": base_id,
-                "seed_source": cfg.data.seed_source,
-                "seed_ids": [s.id for s in seeds],
-                "requested": target_count,
-                "train": len(train),
-                "val": len(val),
-                "generation": stats,
-                "seconds": round(time.time() - started, 2),
-            },
-        )
+    model, tokenizer = (base or lazy_base(cfg))()
+    job = _Job(cfg, domain, target, key, base_id, tokenizer, seeds)
+    run_on_ranks(cfg, model, job)
     return target
+
+
+@dataclass
+class _Job:
+    """Generate one domain's data on every rank; rank zero writes the artifact.
+
+    A plain picklable object (not a closure) so spawning strategies can ship it to their workers.
+    """
+
+    cfg: Config
+    domain: str
+    target: Path
+    key: str
+    base_id: str
+    tokenizer: PreTrainedTokenizerBase
+    seeds: list[Example]
+
+    def __call__(self, model: PreTrainedModel, collective: Collective) -> None:
+        cfg, domain, dom = self.cfg, self.domain, self.cfg.domains[self.domain]
+        gen = ShardedGenerator(
+            TextGenerator(model, self.tokenizer),
+            batch_size=cfg.data.batch_size,
+            collective=collective,
+            journal=BatchJournal(self.target / PARTIAL_DIR, self.key),
+            fresh=cfg.force,
+        )
+        rank0 = collective.rank == 0
+        target_count = cfg.data.num_examples or dom.num_examples
+        started = time.time()
+        with make_progress(disable=not rank0) as progress:
+            tasks = {
+                stage: progress.add_task(f"{domain}: {stage}", total=target_count, rate="")
+                for stage in ("brainstorm", "respond")
+            }
+
+            def report(stage: str, done: int, total: int) -> None:
+                rate = f"{gen.throughput.tokens_per_second:,.0f} tok/s"
+                progress.update(tasks[stage], completed=done, total=total, rate=rate)
+
+            result = self_generate(gen, dom, self.seeds, cfg.data, target=target_count, seed=cfg.seed, progress=report)
+        stats = {**result.stats(), "batches": dict(sorted(gen.batches.items())), "world_size": gen.world_size}
+        if rank0:
+            # Falling short of the target is legal (the model stopped producing usable items) but loud.
+            log.log(
+                logging.INFO if len(result.items) == target_count else logging.WARNING,
+                "%s: kept %d of %d requested; drops %s; %d batches generated, %d replayed; %.0f tok/s",
+                domain,
+                len(result.items),
+                target_count,
+                stats["counts"],
+                gen.batches["generated"],
+                gen.batches["replayed"],
+                stats["tokens_per_second"],
+            )
+        if not result.items:  # every rank has the same result, so every rank stops here
+            raise DataError(
+                f"self-generation for {domain!r} kept no items (drops by reason: {stats['counts']}). "
+                "The model did not follow the prompt format: check configs/domain/"
+                f"{domain}.yaml (checks, prompts) or raise data.max_new_tokens_*."
+            )
+        if rank0:
+            self._write(result.items, result.rejected, target_count, stats, time.time() - started)
+        collective.barrier()  # the other ranks go on only once the artifact is in place
+
+    def _write(
+        self, items: list[Example], rejected: list[Example], requested: int, stats: dict[str, Any], seconds: float
+    ) -> None:
+        """Swap the finished artifact in; the journal inside the old directory goes with it."""
+        cfg, domain = self.cfg, self.domain
+        train, val = split_train_val(items, cfg.data.val_fraction, domain_seed(cfg.seed, domain))
+        with atomic_dir(self.target) as tmp:
+            write_jsonl(tmp / "train.jsonl", train)
+            write_jsonl(tmp / "val.jsonl", val)
+            write_jsonl(tmp / "raw.jsonl", [*items, *rejected])
+            write_jsonl(tmp / "seeds.jsonl", self.seeds)
+            write_metadata(
+                tmp,
+                cfg,
+                {
+                    "kind": "data",
+                    "domain": domain,
+                    "key": self.key,
+                    "base_model": self.base_id,
+                    "seed_source": cfg.data.seed_source,
+                    "seed_ids": [s.id for s in self.seeds],
+                    "requested": requested,
+                    "train": len(train),
+                    "val": len(val),
+                    "generation": stats,
+                    "seconds": round(seconds, 2),
+                },
+            )
