@@ -125,6 +125,7 @@ class DataConfig:
     """Self-generation (`generate` phase) settings shared by all domains."""
 
     seed_source: str = "local"  # local (shipped seeds) | hub (the paper's datasets)
+    source: str = "generated"  # generated (self-generation) | seeds (the seed-only control, Table 8)
     num_examples: int | None = None  # overrides every domain's num_examples
     batch_size: int = 16
     brainstorm_demos: int = 3
@@ -404,6 +405,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 < d.rouge_threshold <= 1.0, f"data.rouge_threshold={d.rouge_threshold}: must be in (0, 1].")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1).")
     _check(d.batch_size > 0, "data.batch_size must be > 0.")
+    _check(d.source in ("generated", "seeds"), f"data.source={d.source!r}: use generated or seeds.")
     _check(d.overlong in ("skip", "truncate"), f"data.overlong={d.overlong!r}: use skip or truncate.")
     _check(d.brainstorm_batches_per_round > 0, "data.brainstorm_batches_per_round must be > 0.")
     _check(d.context_length is None or d.context_length > 0, "data.context_length must be > 0 (or null).")

@@ -51,6 +51,18 @@ def ensure_target(cfg: Config, target: Any) -> None:
         router.run(dataclasses.replace(cfg, phase="router", router=routed))
 
 
+def line_series(points: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Curves of a line figure: ``(x, average in %)`` per series; a point without a series (the
+    base model at x = 0) starts every curve."""
+    names = sorted({p["series"] for p in points if p["series"]})
+    series: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for p in points:
+        if p["avg"] is not None and p["x"] is not None:
+            for name in [p["series"]] if p["series"] else names:
+                series[name].append((float(p["x"]), 100 * p["avg"]["mean"]))
+    return {name: sorted(values) for name, values in series.items()}
+
+
 def run(cfg: Config) -> Path:
     """Run every row of ``cfg.experiment`` and write its table (and plot)."""
     from evaluation.results import markdown_table, summary_rows
@@ -86,11 +98,7 @@ def run(cfg: Config) -> Path:
     meta = {"name": x.name, "title": x.title, "suite": suite, "tasks": names}
     atomic_write_json(out / "table.json", {**meta, "rows": rows, "points": points})
     if x.kind == "line":
-        series: dict[str, list[tuple[float, float]]] = {}
-        for p in points:
-            if p["avg"] is not None and p["x"] is not None:
-                for name in [p["series"]] if p["series"] else sorted({q["series"] for q in points if q["series"]}):
-                    series.setdefault(name, []).append((float(p["x"]), 100 * p["avg"]["mean"]))
+        series = line_series(points)
         png = line_png(series, title=x.title or x.name, x_label=x.x_label, y_label=f"average score ({suite}, %)")
         atomic_write_bytes(out / "plot.png", png)
     log.info("[%s] table: %s", x.name, out / "table.md")

@@ -73,6 +73,8 @@ def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Pat
     key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=base_id, seeds=seeds_hash)
     if is_done(target, key, cfg, f"data for {domain!r}", DATA_FILES):
         return target
+    if cfg.data.source == "seeds":
+        log.info("%s: data.source=seeds, training on the %d seeds themselves (no generation)", domain, len(seeds))
     model, tokenizer = (base or lazy_base(cfg))()
     job = _Job(cfg, domain, target, key, base_id, tokenizer, seeds)
     run_on_ranks(cfg, model, job)
@@ -96,6 +98,11 @@ class _Job:
 
     def __call__(self, model: PreTrainedModel, collective: Collective) -> None:
         cfg, domain, dom = self.cfg, self.domain, self.cfg.domains[self.domain]
+        if cfg.data.source == "seeds":  # the seed-only control (PAPER §1.4): the seeds are the data
+            if collective.rank == 0:
+                self._write(list(self.seeds), [], len(self.seeds), {"source": "seeds"}, 0.0)
+            collective.barrier()
+            return
         gen = ShardedGenerator(
             TextGenerator(model, self.tokenizer),
             batch_size=cfg.data.batch_size,
