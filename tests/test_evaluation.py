@@ -180,7 +180,7 @@ def test_smoke_suite_end_to_end(eval_outputs, monkeypatch):
     assert (root / "mixse" / "smoke" / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert not (root / "base" / "smoke" / "routing.json").exists()
     for entry in routing["tasks"].values():
-        assert math.isclose(sum(entry["probs"]["overall"]), 1.0, rel_tol=1e-9) and entry["tokens"] > 0
+        assert math.isclose(sum(entry["probs"]["overall"]), 1.0, rel_tol=1e-6) and entry["tokens"] > 0
     # a second run reuses the results (same key) instead of evaluating again
     stamp = (root / "base" / "smoke" / RESULTS).stat().st_mtime_ns
     run(cfg)

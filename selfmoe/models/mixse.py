@@ -135,16 +135,107 @@ def read_expert(name: str, directory: str | Path) -> Expert:
 
 
 class RoutingSlot:
-    """Where a decoder layer's pre-hook leaves the gates that its gated linears read."""
+    """Where a decoder layer's pre-hook leaves the gates that its gated linears read.
 
-    __slots__ = ("gates",)
+    It also keeps, for the current gates only, the per-column gates of each column pattern
+    (computed once per layer, not once per linear): setting ``gates`` clears them.
+    """
+
+    __slots__ = ("_column_gates", "_gates", "fast")
 
     def __init__(self) -> None:
-        self.gates: torch.Tensor | None = None
+        self._gates: torch.Tensor | None = None
+        self._column_gates: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.fast = True  # False: every gated linear takes the reference path (tests, benchmarks)
+
+    @property
+    def gates(self) -> torch.Tensor | None:
+        return self._gates
+
+    @gates.setter
+    def gates(self, gates: torch.Tensor | None) -> None:
+        self._gates = gates
+        self._column_gates = {}
+
+    def column_gates(self, module: GatedLoraLinear, dtype: torch.dtype) -> torch.Tensor:
+        """``G`` (..., R) in ``dtype``: each column's expert gate times its scale, for ``module``'s columns."""
+        key = (module.pattern, dtype)
+        cached = self._column_gates.get(key)
+        if cached is not None:
+            return cached
+        gates = self._gates
+        picked = gates.index_select(-1, module.column_expert)  # (..., R) float32
+        if torch.is_grad_enabled() and gates.requires_grad:
+            cached = (picked * module.column_scale).to(dtype)
+        else:
+            # One kernel: multiply in float32 and round once into the compute dtype, as the reference path does.
+            cached = torch.empty(picked.shape, dtype=dtype, device=picked.device)
+            torch.mul(picked, module.column_scale, out=cached)
+        self._column_gates[key] = cached
+        return cached
+
+
+class ShrinkGroup:
+    """Sibling gated linears that read the same input (q/k/v, gate/up): one shrink GEMM for all.
+
+    Their ``lora_A`` parameters are views of one stacked ``(M*R, d_in)`` matrix, so ``x`` is read
+    once and ``(x A_all^T) * G`` is computed by the first member called with a given ``x``; the
+    others take their column slice. Views keep the stacked matrix and the parameters one storage
+    (an in-place load or optimiser step updates both); if a move (``.to()``) split them, the
+    matrix is re-stacked. Used only while the experts are frozen.
+    """
+
+    def __init__(self, members: list[GatedLoraLinear]) -> None:
+        self.members = members
+        self.rank = members[0].lora_A.shape[0]
+        self.stacked = self._restack()
+        self._x: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+        self._left = 0
+
+    def _restack(self) -> torch.Tensor:
+        stacked = torch.cat([m.lora_A.detach() for m in self.members], 0)  # (M*R, d_in)
+        for i, m in enumerate(self.members):
+            m.lora_A.data = stacked[i * self.rank : (i + 1) * self.rank]
+        return stacked
+
+    def _current(self) -> torch.Tensor:
+        a = self.stacked
+        step = self.rank * a.stride(0) * a.element_size()
+        for i, m in enumerate(self.members):
+            p = m.lora_A
+            if p.device != a.device or p.dtype != a.dtype or p.data_ptr() != a.data_ptr() + i * step:
+                self.stacked = a = self._restack()
+                break
+        return a
+
+    def gated_shrink(self, x: torch.Tensor, g: torch.Tensor, member: int) -> torch.Tensor:
+        """``member``'s slice (..., R) of ``(x A_all^T) * G``; computed once per (x, G) for the group."""
+        if x is not self._x or g is not self._g:
+            h = gated_shrink(x, self._current(), g, len(self.members))  # (..., M*R)
+            # Strong references: identity checks can never match a recycled object.
+            self._x, self._g, self._h, self._left = x, g, h, len(self.members)
+        h = self._h
+        self._left -= 1
+        if self._left <= 0:  # every member served: drop the activation references
+            self._x = self._g = self._h = None
+        return h[..., member * self.rank : (member + 1) * self.rank]
 
 
 class GatedLoraLinear(nn.Module):
-    """A frozen linear plus stacked LoRA experts, mixed per token by the gates in ``slot``."""
+    """A frozen linear plus stacked LoRA experts, mixed per token by the gates in ``slot``.
+
+    ``forward`` takes the fast path (DESIGN §4, measured in docs/performance.md): column gates
+    once per layer, one shrink GEMM per group of siblings sharing the input, and no separate
+    add: with ``add_into = "base"`` (default, faster on both measured shapes) the frozen base
+    GEMM accumulates onto the expand's output in its epilogue (``out = h_g B^T; out += x W0^T``,
+    beta=1); with ``"expand"`` the expand GEMM accumulates onto the base output instead
+    (``y = x W0^T; y += h_g B^T``). It equals ``reference_forward`` up to floating-point
+    rounding (tested).
+    """
+
+    add_into = "base"  # class-wide: which GEMM's epilogue adds the two terms ("base" | "expand")
 
     def __init__(
         self,
@@ -154,6 +245,7 @@ class GatedLoraLinear(nn.Module):
         lora_b: torch.Tensor,
         column_expert: torch.Tensor,
         column_scale: torch.Tensor,
+        pattern: int = 0,
     ) -> None:
         super().__init__()
         self.base = base
@@ -163,6 +255,9 @@ class GatedLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(lora_b.to(device, dtype), requires_grad=False)  # (d_out, R)
         self.register_buffer("column_expert", column_expert.to(device), persistent=False)  # (R,) expert of column
         self.register_buffer("column_scale", column_scale.to(device), persistent=False)  # (R,) s_i, float32
+        self.pattern = pattern  # modules with equal (column_expert, column_scale) share an id: G computed once
+        self.group: ShrinkGroup | None = None
+        self.group_index = 0
 
     @property
     def in_features(self) -> int:
@@ -176,14 +271,79 @@ class GatedLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The defining computation, one module at a time: ``W0 x + ((x A^T) * G) B^T``."""
         y = self.base(x)
         gates = self.slot.gates
-        if gates is None:  # adapter-free (the X-LoRA scouting pass)
+        if gates is None:
             return y
         column_gates = gates.index_select(-1, self.column_expert) * self.column_scale  # (B, T, R) float32
         h = F.linear(x, self.lora_A) * column_gates.to(x.dtype)  # (B, T, R)
         return y + F.linear(h, self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.slot
+        if slot.gates is None:  # adapter-free (the X-LoRA scouting pass)
+            return self.base(x)
+        if not slot.fast:
+            return self.reference_forward(x)
+        g = slot.column_gates(self, x.dtype)  # (..., R)
+        if self.group is not None and not self.lora_A.requires_grad:
+            h = self.group.gated_shrink(x, g, self.group_index)  # (..., R), a column slice
+        else:
+            h = gated_shrink(x, self.lora_A, g, 1)
+        w0, bias = self.base.weight, self.base.bias
+        if not _same_dtype(x, w0, self.lora_B, h):
+            return self.base(x) + F.linear(h, self.lora_B)  # mixed precision: let autocast cast
+        h2 = h.reshape(-1, h.shape[-1])  # (B*T, R)
+        if self.add_into == "base":
+            x2 = x.reshape(-1, x.shape[-1])  # (B*T, d_in)
+            out = torch.mm(h2, self.lora_B.t()) if bias is None else torch.addmm(bias, h2, self.lora_B.t())
+            out.addmm_(x2, w0.t())  # the base GEMM adds onto the expert delta in its epilogue (beta=1)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        y = self.base(x)  # the base model's own GEMM, untouched
+        y.view(-1, y.shape[-1]).addmm_(h2, self.lora_B.t())  # the expand GEMM adds onto it (beta=1)
+        return y
+
+
+def gated_shrink(x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, members: int) -> torch.Tensor:
+    """``(x A^T) * G`` (..., members*R), ``G`` (..., R) repeated over the ``members`` row blocks of ``A``."""
+    h = F.linear(x, a)
+    if members > 1:
+        return (h.unflatten(-1, (members, a.shape[0] // members)) * g.unsqueeze(-2)).flatten(-2)
+    return h * g
+
+
+def _same_dtype(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    if any(t.dtype != x.dtype for t in others):
+        return False
+    device = x.device.type
+    return not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == x.dtype
+
+
+# Siblings that HF decoders call on the same input tensor; ShrinkGroup checks identity at run time.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _group_siblings(gated: dict[str, GatedLoraLinear]) -> None:
+    for name, module in gated.items():
+        parent, _, leaf = name.rpartition(".")
+        for siblings in SHARED_INPUT_SIBLINGS:
+            if leaf != siblings[0]:
+                continue
+            members = [gated.get(f"{parent}.{s}" if parent else s) for s in siblings]
+            members = [m for m in members if m is not None]
+            uniform = all(
+                m.pattern == module.pattern
+                and m.lora_A.shape == module.lora_A.shape
+                and m.lora_A.dtype == module.lora_A.dtype
+                and m.lora_A.device == module.lora_A.device
+                for m in members
+            )
+            if len(members) > 1 and uniform:
+                group = ShrinkGroup(members)
+                for i, m in enumerate(members):
+                    m.group, m.group_index = group, i
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -217,6 +377,22 @@ class MiXSE(nn.Module):
         self.aux_records: list[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]] = [(None, None)] * num_layers
         self._scouting = False
 
+    @property
+    def fast(self) -> bool:
+        """Whether the gated linears take the fast path (default) or ``reference_forward``."""
+        return all(slot.fast for slot in self.slots)
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        for slot in self.slots:
+            slot.fast = value
+
+    def _keep(self, layer: int, probs: torch.Tensor, gates: torch.Tensor) -> None:
+        if self.record:
+            self.records[layer] = RoutingRecord(probs.detach(), gates.detach())
+        if self.collect_aux:
+            self.aux_records[layer] = (probs, gates)
+
     def route(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """Gates (..., N) float32 for hidden states (..., H) entering ``layer``."""
         mode, n = self.settings.mode, len(self.experts)
@@ -230,10 +406,7 @@ class MiXSE(nn.Module):
         else:
             probs = F.one_hot(torch.full(hidden.shape[:-1], self.fixed, device=hidden.device), n).float()
             gates = probs
-        if self.record:
-            self.records[layer] = RoutingRecord(probs.detach(), gates.detach())
-        if self.collect_aux:
-            self.aux_records[layer] = (probs, gates)
+        self._keep(layer, probs, gates)
         return gates
 
 
@@ -258,6 +431,8 @@ def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSetting
     mixse = MiXSE([e.name for e in experts], config.hidden_size, len(layers), settings)
 
     targets = sorted({m for e in experts for m in e.deltas})
+    patterns: dict[tuple[tuple[int, ...], tuple[float, ...]], int] = {}
+    gated_modules: dict[str, GatedLoraLinear] = {}
     for module_name in targets:
         try:
             base = model.get_submodule(module_name)
@@ -291,9 +466,12 @@ def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSetting
             torch.cat(b_parts, 1),
             torch.tensor(col_expert, dtype=torch.long),
             torch.tensor(col_scale, dtype=torch.float32),
+            pattern=patterns.setdefault((tuple(col_expert), tuple(col_scale)), len(patterns)),
         )
         _replace_module(model, module_name, gated)
+        gated_modules[module_name] = gated
 
+    _group_siblings(gated_modules)
     model.requires_grad_(False)
     mixse.to(next(model.parameters()).device)
     model.mixse = mixse  # registers the router as a submodule: .to(), state_dict(), parameters()

@@ -44,8 +44,8 @@ def topk_mask(probs: torch.Tensor, k: int, renormalize: bool = False) -> torch.T
     if k >= probs.shape[-1]:
         gates = probs
     else:
-        idx = probs.topk(k, dim=-1).indices
-        gates = torch.zeros_like(probs).scatter(-1, idx, probs.gather(-1, idx))
+        values, idx = probs.topk(k, dim=-1)  # the values are the gathered probabilities: no extra gather
+        gates = torch.zeros_like(probs).scatter(-1, idx, values)
     if renormalize:
         gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
     return gates
@@ -53,7 +53,9 @@ def topk_mask(probs: torch.Tensor, k: int, renormalize: bool = False) -> torch.T
 
 def gates_from_logits(logits: torch.Tensor, spec: GateSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs, gates)``, both float32, from router logits (..., N)."""
-    probs = F.softmax(logits.float() / spec.temperature, dim=-1)
+    logits = logits.float()
+    # x / 1.0 == x exactly: skip the kernel (routing runs once per layer per step while decoding).
+    probs = F.softmax(logits if spec.temperature == 1.0 else logits / spec.temperature, dim=-1)
     return probs, topk_mask(probs, spec.k, spec.renormalize)
 
 
