@@ -70,6 +70,7 @@ class SFTDataModule(L.LightningDataModule):
         self.datasets: dict[str, SFTDataset] = {}
         self.skipped_too_long = 0
         self.train_sampler: GlobalBatchSampler | None = None
+        self._resume_state: dict[str, int] | None = None  # the trained position from a checkpoint
         # A rank may hold no validation example when the set is smaller than the world size.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -140,6 +141,9 @@ class SFTDataModule(L.LightningDataModule):
             world_size=world,
             rank=rank,
         )
+        if self._resume_state:
+            self.train_sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
         return ResumableLoader(
             PlannedDataset(dataset),
             batch_sampler=self.train_sampler,
@@ -161,6 +165,17 @@ class SFTDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    # The trained position is saved twice: in the loader's state (which Lightning 2.6 restores
+    # only if it builds the train loader after restoring its loops, not when configure_optimizers
+    # asked for estimated_stepping_batches first) and here, which Lightning restores before any
+    # loader is built. Both hold the same value.
+
+    def state_dict(self) -> dict[str, int]:
+        return self.train_sampler.state_dict() if self.train_sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_state = dict(state_dict) or None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Called for the batch about to be trained (not for one prefetched ahead): the loader's

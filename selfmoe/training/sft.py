@@ -183,7 +183,9 @@ class SFTLitModule(L.LightningModule):
     def _gather(self, state: torch.Tensor) -> list[torch.Tensor]:
         if self._trainer is None or self.trainer.world_size == 1:
             return [state]
-        gathered = self.trainer.strategy.all_gather(state.to(self.device))  # (W, n)
+        local = state.to(self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(gathered, local)
         return [s.cpu() for s in gathered]
 
 
