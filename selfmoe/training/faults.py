@@ -50,9 +50,9 @@ def is_write_error(exc: BaseException) -> bool:
     )
 
 
-def write_error(exc: BaseException, where: Path, kept: str) -> OutputWriteError:
+def write_error(exc: BaseException, where: Path, kept: str, path: Path | None = None) -> OutputWriteError:
     """The user-facing form of ``exc``: what could not be written, what was kept, how to fix it."""
-    path = getattr(exc, "filename", None) or where
+    path = path or getattr(exc, "filename", None) or where
     reason = getattr(exc, "strerror", None) or str(exc)
     return OutputWriteError(
         f"cannot write {path}: {reason}. {kept} Free space (or fix the permissions) under {where}, "
