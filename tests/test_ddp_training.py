@@ -87,9 +87,19 @@ def base(config: LlamaConfig) -> LlamaForCausalLM:
 
 
 def train(
-    toy, tmp_path: Path, kind: str, *, devices: int, micro: int, aux: float = 0.0, top_k: int | None = None
+    toy,
+    tmp_path: Path,
+    kind: str,
+    *,
+    devices: int,
+    micro: int,
+    aux: float = 0.0,
+    top_k: int | None = None,
+    callbacks: list[L.Callback] | None = None,
+    every_n_steps: int = 0,
+    resume: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Fit a router or an expert for 2 epochs; return its trainable weights (in the calling process)."""
+    """Fit a router or an expert for 2 epochs (or resume its run); return its trainable weights."""
     section = "router" if kind == "router" else "expert"
     cfg = load_config(
         section,
@@ -132,8 +142,16 @@ def train(
     dm.setup()
     initial = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     run_dir = tmp_path / f"{kind}-{devices}x{micro}-aux{aux}-top{top_k}"
-    trainer = build_trainer(cfg, run_dir, max_epochs=2, accumulate=grad_accumulation(cfg))
-    trainer.fit(module, datamodule=dm)
+    trainer = build_trainer(
+        cfg,
+        run_dir,
+        max_epochs=2,
+        accumulate=grad_accumulation(cfg),
+        checkpoint_every_n_steps=every_n_steps,
+        callbacks=callbacks,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=dm, ckpt_path=last if resume else None, weights_only=True)
     trained = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     assert any(not torch.allclose(initial[n], trained[n]) for n in trained), "nothing trained"
     return trained
@@ -159,6 +177,78 @@ def test_router_load_balancing_term_does_not_depend_on_the_world_size(toy, tmp_p
     assert_same_weights(train(toy, tmp_path, "router", devices=2, micro=2, aux=1.0, top_k=1), accumulating)
     one_batch = train(toy, tmp_path, "router", devices=1, micro=GLOBAL_BATCH, aux=1.0, top_k=1)
     assert any(not torch.allclose(accumulating[n], one_batch[n], rtol=0, atol=ATOL) for n in one_batch)
+
+
+class CrashAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class FirstStep(L.Callback):
+    """Writes the global step the run starts from to ``path`` (readable from a forked rank too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.is_global_zero and not self.path.exists():
+            self.path.write_text(str(trainer.global_step))
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_router_resumes_mid_epoch_exactly(toy, tmp_path, devices):
+    """12 steps (6 per epoch); a crash after step 8 and a resume from its checkpoint end where a straight run ends."""
+    run = {"devices": devices, "micro": 2, "every_n_steps": 1}
+    straight = train(toy, tmp_path / "straight", "router", **run)
+    with pytest.raises(Exception, match="simulated crash"):
+        train(toy, tmp_path / "crashed", "router", **run, callbacks=[CrashAtStep(8)])
+    resumed = train(toy, tmp_path / "crashed", "router", **run, resume=True, callbacks=[FirstStep(tmp_path / "first")])
+    assert (tmp_path / "first").read_text() == "8"  # it did resume (a fresh run would end the same way)
+    assert_same_weights(resumed, straight)
+
+
+class FirstStepLoss(L.Callback):
+    """The logged train/loss right after the first optimizer step."""
+
+    loss: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and self.loss is None:
+            self.loss = float(trainer.callback_metrics["train/loss"])
+
+
+def test_logged_train_loss_is_the_global_batch_token_mean(toy, tmp_path):
+    """Computed here by hand: per-example summed NLL of the first global batch, over its tokens."""
+    dm = SFTDataModule(toy["dirs"], toy["tok"], template="alpaca", max_length=256, micro_batch_size=4)
+    dm.setup()
+    first = next(iter(dm.train_dataloader()))["step"]
+    assert first == {
+        "epoch": 0,
+        "step": 0,
+        "micro": 0,
+        "accumulation": 1,
+        "tokens": first["tokens"],
+        "micro_batches": 1,
+    }
+    order = dm.train_sampler.sampler.order(0)[:GLOBAL_BATCH]
+    L.seed_everything(0)
+    model = get_peft_model(base(toy["config"]), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in order:
+            f = dm.datasets["train"][i]
+            logits = model(input_ids=torch.tensor([f.input_ids])).logits[0, :-1]
+            labels = torch.tensor(f.labels[1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    assert tokens == first["tokens"]
+    probe = FirstStepLoss()
+    train(toy, tmp_path, "expert", devices=1, micro=2, callbacks=[probe])  # 2 micro-batches of unequal length
+    assert probe.loss == pytest.approx(total / tokens, rel=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13])
