@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from selfmoe.config import Config, OptimConfig, world_size
 from selfmoe.data.datamodule import SFTDataModule
 from selfmoe.phases.common import log, read_json, reporting_write_errors
 from selfmoe.training.sft import SFTLitModule
+from selfmoe.training.trainer import LOG_DIRS
 
 
 def data_hashes(data_dirs: dict[str, Path]) -> dict[str, dict[str, str]]:
@@ -62,6 +64,10 @@ def fit(
     # Here rather than inside fit: a fork-launched strategy (ddp_notebook) then inherits the
     # tokenized data, and the manifest's counts are known in the process that writes it.
     datamodule.setup("fit")
+    if resume is None and trainer.is_global_zero:
+        # A fresh run: the CSV logger appends, so an earlier run's metrics must not stay there.
+        for name in LOG_DIRS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     state = read_json(run_dir / "run.json")
     with reporting_write_errors(run_dir, "The last checkpoint there, if any, is unchanged."):
         if resume is None:

@@ -18,16 +18,18 @@ from selfmoe.config import Config
 from selfmoe.errors import ConfigError
 from selfmoe.training.checkpoint_io import AtomicCheckpointIO
 
-__all__ = ["LAST", "build_logger", "build_trainer"]
+__all__ = ["LAST", "LOG_DIRS", "build_logger", "build_trainer"]
+
+LOG_DIRS = ("logs", "tb")  # under run_dir: the CSV and TensorBoard loggers' directories
 
 
 def build_logger(cfg: Config, run_dir: Path) -> Logger | bool:
     kind = cfg.trainer.logger
     if kind == "csv":
-        return CSVLogger(run_dir, name="logs", version="")
+        return CSVLogger(run_dir, name=LOG_DIRS[0], version="")
     if kind == "tensorboard":
         try:
-            return TensorBoardLogger(run_dir, name="tb", version="")
+            return TensorBoardLogger(run_dir, name=LOG_DIRS[1], version="")
         except ModuleNotFoundError:
             raise ConfigError(
                 "trainer.logger=tensorboard needs tensorboard: pip install 'selfmoe[tensorboard]'"
