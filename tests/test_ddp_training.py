@@ -98,6 +98,7 @@ def train(
     callbacks: list[L.Callback] | None = None,
     every_n_steps: int = 0,
     resume: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Fit a router or an expert for 2 epochs (or resume its run); return its trainable weights."""
     section = "router" if kind == "router" else "expert"
@@ -138,6 +139,7 @@ def train(
         micro_batch_size=optim.micro_batch_size,
         global_batch_size=optim.global_batch_size,
         balance=kind == "router",
+        num_workers=num_workers,
     )
     dm.setup()
     initial = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
@@ -199,10 +201,11 @@ class FirstStep(L.Callback):
             self.path.write_text(str(trainer.global_step))
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_router_resumes_mid_epoch_exactly(toy, tmp_path, devices):
-    """12 steps (6 per epoch); a crash after step 8 and a resume from its checkpoint end where a straight run ends."""
-    run = {"devices": devices, "micro": 2, "every_n_steps": 1}
+@pytest.mark.parametrize(("devices", "num_workers"), [(1, 0), (2, 0), (1, 2)])
+def test_router_resumes_mid_epoch_exactly(toy, tmp_path, devices, num_workers):
+    """12 steps (6 per epoch); a crash after step 8 and a resume from its checkpoint end where a straight run
+    ends. With loader workers, batches are fetched ahead of training: the saved position is what trained."""
+    run = {"devices": devices, "micro": 2, "every_n_steps": 1, "num_workers": num_workers}
     straight = train(toy, tmp_path / "straight", "router", **run)
     with pytest.raises(Exception, match="simulated crash"):
         train(toy, tmp_path / "crashed", "router", **run, callbacks=[CrashAtStep(8)])
