@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TEST_OVERRIDES
+import torch
+from conftest import REPO, TEST_OVERRIDES, make_config
+from safetensors.torch import load_file
 
 from selfmoe.artifacts import Layout
+from selfmoe.phases import expert
 from selfmoe.phases.expert import EXPERT_FILES
 
 pytestmark = pytest.mark.slow
 
 
-def test_expert_training_under_real_ddp_keeps_the_global_batch(outputs):
+def test_expert_training_under_real_ddp_keeps_the_global_batch(outputs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    args = [f"output_dir={outputs}", *TEST_OVERRIDES, "domain=math", "trainer.accelerator=cpu"]
+    # No LoRA dropout: each rank draws its own masks, so only then can 2 ranks equal 1 process.
+    same = ["domain=math", "trainer.accelerator=cpu", "expert.lora.dropout=0.0"]
+    args = [f"output_dir={outputs}", *TEST_OVERRIDES, *same]
     proc = subprocess.run(
         [sys.executable, "-m", "selfmoe", "expert", *args, "trainer.strategy=ddp", "trainer.devices=2"],
         cwd=REPO,
@@ -36,3 +42,22 @@ def test_expert_training_under_real_ddp_keeps_the_global_batch(outputs):
     n_train = manifest["train_examples"]
     assert manifest["steps"] == manifest["epochs"] * -(-n_train // manifest["global_batch_size"])
     assert manifest["metrics"]["val_loss_after"] < manifest["metrics"]["val_loss_before"]
+
+    # The same steps as one process accumulating 2 micro-batches of 4 (atol 1e-6: only the order
+    # of float additions differs), and the same token-weighted validation loss.
+    single = tmp_path / "single"
+    shutil.copytree(outputs, single, ignore=shutil.ignore_patterns("runs", "experts"))
+    cfg = make_config("expert", single, *same)
+    one = expert.train_expert(cfg, "math", {"math": Layout.for_model(single, "tiny").data("math")})
+    want, got = load_file(one / "adapter_model.safetensors"), load_file(target / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    single_manifest = json.loads((one / "manifest.json").read_text())
+    assert single_manifest["steps"] == manifest["steps"]
+    # The logged train/loss is the last global batch's token mean, whatever the world size.
+    train_last = single_manifest["metrics"]["train_loss_last"]
+    assert manifest["metrics"]["train_loss_last"] == pytest.approx(train_last, abs=1e-5)
+    assert manifest["metrics"]["val_loss_after"] == pytest.approx(
+        single_manifest["metrics"]["val_loss_after"], abs=1e-5
+    )

@@ -249,14 +249,14 @@ def test_train_sampler_order(dirs, tok):
     dm.setup()
 
     def order(module: SFTDataModule, epoch: int) -> list[int]:
-        loader = module.train_dataloader()
-        loader.sampler.set_epoch(epoch)
-        return list(loader.sampler)
+        permutation = module.train_dataloader().batch_sampler.sampler
+        permutation.set_epoch(epoch)  # what Lightning calls each epoch
+        return list(permutation)
 
     n = len(dm.datasets["train"])
     first = order(dm, 0)
     assert sorted(first) == list(range(n))
-    # DistributedSampler's documented order: randperm seeded with seed + epoch.
+    # DistributedSampler's order (what it was before global batches): randperm seeded with seed + epoch.
     assert first == torch.randperm(n, generator=torch.Generator().manual_seed(5 + 0)).tolist()
     assert order(dm, 0) == first
     other = _dm(dirs, tok, seed=5, micro_batch_size=10)
@@ -272,8 +272,8 @@ def test_train_batches_follow_the_sampler(dirs, tok):
     dm = _dm(dirs, tok, seed=5, micro_batch_size=4)
     dm.setup()
     loader = dm.train_dataloader()
-    loader.sampler.set_epoch(2)
-    indices = list(loader.sampler)
+    loader.batch_sampler.sampler.set_epoch(2)
+    indices = list(loader.batch_sampler.sampler)
     batches = list(loader)
     assert [len(b["domain"]) for b in batches] == [4, 4, 2]
     domains = [d for b in batches for d in b["domain"].tolist()]

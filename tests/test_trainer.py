@@ -6,11 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from callbacks.checkpointing import ResumeCheckpoint
 from selfmoe.config import grad_accumulation, load_config
 from selfmoe.errors import ConfigError
+from selfmoe.training.checkpoint_io import AtomicCheckpointIO
 from selfmoe.training.trainer import build_logger, build_trainer
 
 
@@ -47,7 +48,8 @@ def test_trainer_settings_come_from_config(tmp_path):
     trainer = build_trainer(cfg, tmp_path, max_epochs=2, accumulate=grad_accumulation(cfg), checkpoint_every_n_steps=5)
     assert trainer.accumulate_grad_batches == 8  # 32 / (4 x 1 device)
     assert trainer.max_epochs == 2
-    ckpt = next(cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
-    assert ckpt.dirpath == str(tmp_path / "checkpoints")
-    assert ckpt.save_last == "link"
-    assert ckpt._every_n_train_steps == 5
+    (ckpt,) = [cb for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoint)]
+    assert trainer.checkpoint_callback is ckpt  # Lightning adds no ModelCheckpoint of its own
+    assert ckpt.path == tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.every_n_steps == 5
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -46,6 +46,11 @@ def tokenize_example(
     )
 
 
+def loss_tokens(features: Features) -> int:
+    """Response tokens that enter the loss: HF shifts labels left, so the first label never counts."""
+    return sum(label != IGNORE_INDEX for label in features.labels[1:])
+
+
 class SFTDataset(Dataset):
     """Tokenized examples, in memory (self-generated sets are thousands of rows, not millions)."""
 
@@ -60,8 +65,8 @@ class SFTDataset(Dataset):
 
 
 def collate(batch: Sequence[Features], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
-    width = max(len(f.input_ids) for f in batch)
+    """Right-pad a batch; padding is masked out of attention and loss. No features: a (0, 0) batch."""
+    width = max((len(f.input_ids) for f in batch), default=0)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

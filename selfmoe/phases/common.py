@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 
 from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_text, versions
 from selfmoe.config import Config, fingerprint, to_yaml
+from selfmoe.training.faults import OutputWriteError, is_write_error, write_error
 from selfmoe.training.trainer import LAST
 
 log = logging.getLogger("selfmoe")
@@ -24,11 +27,19 @@ def device_for(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+# Settings of a training section that change how a run goes, not what it makes: changing them
+# neither invalidates a finished artifact nor discards an interrupted run's checkpoints.
+RUNTIME_ONLY = ("checkpoint_every_n_steps", "num_workers")
+
+
 def artifact_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
-    """Hash of what an artifact depends on: config sections plus input hashes."""
-    return sha256_text(
-        json.dumps({"config": fingerprint(cfg, *sections), "inputs": inputs}, sort_keys=True, default=str)
-    )
+    """Hash of what an artifact depends on: config sections (less RUNTIME_ONLY) plus input hashes."""
+    config = fingerprint(cfg, *sections)
+    for values in config.values():
+        if isinstance(values, dict):
+            for name in RUNTIME_ONLY:
+                values.pop(name, None)
+    return sha256_text(json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str))
 
 
 def is_done(directory: Path, key: str, cfg: Config, what: str, files: tuple[str, ...] = ()) -> bool:
@@ -70,7 +81,10 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:
     """``last.ckpt`` of an interrupted run made with ``key``; stale checkpoints are discarded."""
-    last = run_dir / "checkpoints" / LAST
+    checkpoints = run_dir / "checkpoints"
+    for leftover in checkpoints.glob(f".{LAST}.*.tmp"):  # a write cut short by a kill: never a resume point
+        leftover.unlink(missing_ok=True)
+    last = checkpoints / LAST
     if not last.is_file():
         return None
     if cfg.force or read_json(run_dir / "run.json").get("key") != key:
@@ -78,3 +92,16 @@ def resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return None
     return str(last)
+
+
+@contextlib.contextmanager
+def reporting_write_errors(where: Path, kept: str) -> Iterator[None]:
+    """Turn a full disk or an unwritable directory under ``where`` into an OutputWriteError naming the fix."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as exc:
+        if is_write_error(exc):
+            raise write_error(exc, where, kept) from exc
+        raise

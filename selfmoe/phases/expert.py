@@ -23,7 +23,7 @@ from selfmoe.config import Config, grad_accumulation
 from selfmoe.models.base import load_base, model_id
 from selfmoe.models.mixse import ADAPTER_FILES
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, resume_point, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, reporting_write_errors, resume_point, write_metadata
 from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.expert import ExpertLitModule
 from selfmoe.training.trainer import build_trainer
@@ -81,9 +81,11 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
         checkpoint_every_n_steps=cfg.expert.checkpoint_every_n_steps,
         callbacks=callbacks,
     )
-    metrics = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
+    result = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
+    metrics = result.metrics
+    kept = f"The previous artifact at {target}, if any, is unchanged."
     if trainer.is_global_zero:
-        with atomic_dir(target) as tmp:
+        with reporting_write_errors(target.parent, kept), atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             for extra in set(p.name for p in tmp.iterdir()) - set(ADAPTER_FILES):
                 _remove(tmp / extra)  # PEFT's auto-generated model card is not part of the artifact
@@ -97,7 +99,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
                     "key": key,
                     "base_model": base_id,
                     "data": hashes,
-                    **training_manifest(cfg, trainer, module, datamodule, cfg.expert),
+                    **training_manifest(cfg, result, module, datamodule, cfg.expert),
                     "metrics": {
                         "val_loss_before": metrics.get("val_loss_before"),
                         "val_loss_after": metrics.get("val/loss"),

@@ -35,7 +35,7 @@ from selfmoe.models.mixse import (
     save_mixse,
 )
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, resume_point, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, reporting_write_errors, resume_point, write_metadata
 from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.router import RouterLitModule
 from selfmoe.training.trainer import build_trainer
@@ -119,9 +119,11 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
             *(callbacks or []),
         ],
     )
-    metrics = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
+    result = fit(trainer, module, datamodule, run_dir=run_dir, key=key, resume=resume)
+    metrics = result.metrics
+    kept = f"The previous artifact at {target}, if any, is unchanged."
     if trainer.is_global_zero:
-        with atomic_dir(target) as tmp:
+        with reporting_write_errors(target.parent, kept), atomic_dir(target) as tmp:
             save_mixse(model, tmp, base_model=base_id, expert_dirs=expert_paths)
             if routing_dir.is_dir():
                 shutil.copytree(routing_dir, tmp / "routing")
@@ -135,7 +137,7 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
                     "base_model": base_id,
                     "experts": expert_paths,
                     "data": hashes,
-                    **training_manifest(cfg, trainer, module, datamodule, r),
+                    **training_manifest(cfg, result, module, datamodule, r),
                     "metrics": metrics,
                     "seconds": round(time.time() - started, 2),
                 },

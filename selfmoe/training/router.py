@@ -7,7 +7,7 @@ import torch
 from selfmoe.config import RouterConfig
 from selfmoe.models.mixse import expert_parameters
 from selfmoe.models.router import load_balancing_loss
-from selfmoe.training.sft import SFTLitModule
+from selfmoe.training.sft import LossTerms, SFTLitModule
 
 
 class RouterLitModule(SFTLitModule):
@@ -40,16 +40,18 @@ class RouterLitModule(SFTLitModule):
     def on_train_epoch_start(self) -> None:
         self.set_train_mode()
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         if not self.aux_loss_coef:
-            return self(batch)
+            return self.nll(batch)
         self.mixse.collect_aux = True
         try:
-            loss = self(batch)
+            terms = self.nll(batch)
             aux = torch.stack(
                 [load_balancing_loss(p, g, batch["attention_mask"]) for p, g in self.mixse.aux_records if p is not None]
             ).mean()
         finally:
             self.mixse.collect_aux = False
         self.log("train/aux_loss", aux, batch_size=batch["input_ids"].shape[0])
-        return loss + self.aux_loss_coef * aux
+        # A mean over the micro-batches of the step: the balance of a micro-batch is not additive.
+        terms.penalty = self.aux_loss_coef * aux
+        return terms

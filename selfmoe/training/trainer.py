@@ -1,26 +1,35 @@
-"""The Lightning Trainer every training phase uses: logger, checkpoints, precision, DDP."""
+"""The Lightning Trainer every training phase uses: logger, checkpoints, precision, DDP.
+
+Checkpoints: one resume point ``run_dir/checkpoints/last.ckpt`` (see
+:class:`callbacks.checkpointing.ResumeCheckpoint`), written atomically through
+:class:`~selfmoe.training.checkpoint_io.AtomicCheckpointIO` and read with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from callbacks.checkpointing import LAST, ResumeCheckpoint
 from selfmoe.config import Config
 from selfmoe.errors import ConfigError
+from selfmoe.training.checkpoint_io import AtomicCheckpointIO
 
-LAST = "last.ckpt"
+__all__ = ["LAST", "LOG_DIRS", "build_logger", "build_trainer"]
+
+LOG_DIRS = ("logs", "tb")  # under run_dir: the CSV and TensorBoard loggers' directories
 
 
 def build_logger(cfg: Config, run_dir: Path) -> Logger | bool:
     kind = cfg.trainer.logger
     if kind == "csv":
-        return CSVLogger(run_dir, name="logs", version="")
+        return CSVLogger(run_dir, name=LOG_DIRS[0], version="")
     if kind == "tensorboard":
         try:
-            return TensorBoardLogger(run_dir, name="tb", version="")
+            return TensorBoardLogger(run_dir, name=LOG_DIRS[1], version="")
         except ModuleNotFoundError:
             raise ConfigError(
                 "trainer.logger=tensorboard needs tensorboard: pip install 'selfmoe[tensorboard]'"
@@ -47,15 +56,7 @@ def build_trainer(
 ) -> L.Trainer:
     """A Trainer whose checkpoints go to ``run_dir/checkpoints`` (``last.ckpt`` is the resume point)."""
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-        save_top_k=1,  # without a monitor: the most recent one
-        save_last="link",  # last.ckpt -> that file, the resume point
-        every_n_train_steps=checkpoint_every_n_steps or None,
-        save_on_train_epoch_end=True,
-    )
+    checkpoint = ResumeCheckpoint(run_dir / "checkpoints", every_n_steps=checkpoint_every_n_steps)
     extra: list[Callback] = [checkpoint, *(callbacks or [])]
     logger = build_logger(cfg, run_dir)
     if logger:
@@ -75,6 +76,7 @@ def build_trainer(
         default_root_dir=run_dir,
         logger=logger,
         callbacks=extra,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
