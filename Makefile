@@ -33,7 +33,7 @@ UNSAFE_ARGS = $(if $(filter 1,$(EVAL_UNSAFE)),eval.confirm_run_unsafe_code=true,
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data expert experts router baselines eval report experiment test test-fast lint clean
+.PHONY: help install demo data expert experts router baselines eval report experiment bench bench-cpu test test-fast lint clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,12 @@ report: $(STAMP) ## results tables + routing figures + provenance -> outputs/<mo
 
 experiment: $(STAMP) ## a paper table/figure end to end: NAME=table1|table2|table3|table4|fig5|table8|variance
 	$(UNSAFE) $(RUN) experiment experiment=$(NAME) $(COMMON) $(UNSAFE_ARGS)
+
+bench: $(STAMP) ## GPU throughput benchmarks E1-E5 (Llama-3-8B + Gemma-7B shapes, random weights) -> outputs/bench/
+	$(PY) -m benchmarks --out outputs/bench/results.json
+
+bench-cpu: $(STAMP) ## CPU regression benchmark: MiXSE ÷ base forward (hidden 1024, 8 layers)
+	$(PY) -m benchmarks.cpu --out outputs/bench/cpu.json
 
 test: $(STAMP) ## the offline test suite (unit, integration, slow)
 	$(PY) -m pytest -q

@@ -1,0 +1,182 @@
+"""E1: scoring/prefill tokens/s, MiXSE ÷ base, with peers, numerics and the (N, r, k) sweep.
+
+A forward over ``prefill_batch x prefill_len`` tokens with full logits (what lm-eval's scoring
+does). Target: MiXSE (N=4, r=8, top-1, layer router) ≥ 0.90 of the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.shapes import random_experts, slice_experts
+from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
+from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
+from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
+
+SWEEP_N, SWEEP_R, SWEEP_K = (4, 8, 16), (8, 16, 64), (1, 2)
+
+
+def forward_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    @torch.inference_mode()
+    def fwd() -> None:
+        model(input_ids=ids)
+
+    return fwd
+
+
+def forward_timing(ctx: Context, model: torch.nn.Module, ids: torch.Tensor) -> Timing:
+    s = ctx.settings
+    return time_fn(forward_fn(model, ids), device=ctx.device, iters=s.iters, warmup=s.warmup)
+
+
+@torch.inference_mode()
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+class _Path:
+    """A forward of one MiXSE model on one path (fast with either epilogue, or the reference)."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, fast: bool, add_into: str) -> None:
+        self.model, self.fast, self.add_into, self.fwd = model, fast, add_into, forward_fn(model, ids)
+
+    def __call__(self) -> None:
+        previous = GatedLoraLinear.add_into
+        self.model.mixse.fast, GatedLoraLinear.add_into = self.fast, self.add_into
+        try:
+            self.fwd()
+        finally:
+            self.model.mixse.fast, GatedLoraLinear.add_into = True, previous
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    s = ctx.settings
+    ids = ctx.input_ids(s.prefill_batch, s.prefill_len)
+    check = ids[:1, : s.numerics_len]
+    tokens = ids.numel()
+    settings = RouterSettings(top_k=s.top_k)
+    out: dict[str, Any] = {"tokens_per_forward": tokens, "batch": s.prefill_batch, "seq_len": s.prefill_len}
+    numerics: dict[str, Any] = {}
+    default = GatedLoraLinear.add_into
+    other = "expand" if default == "base" else "base"
+
+    mixse = make_mixse(ctx.model, ctx.experts, settings)
+    variants = {
+        "base": forward_fn(ctx.model, ids),
+        "mixse": _Path(mixse, ids, True, default),
+        f"mixse-add{other}": _Path(mixse, ids, True, other),
+        "mixse-ref": _Path(mixse, ids, False, default),
+    }
+    lora = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name]) if s.peers else None
+    if lora is not None:
+        variants["lora"] = forward_fn(lora, ids)
+    # The base, MiXSE's paths and the single LoRA round-robin: their ratios share the conditions.
+    timings = time_interleaved(variants, device=ctx.device, iters=s.iters, warmup=s.warmup)
+
+    fast = logits(mixse, check)
+    mixse.mixse.fast = False
+    reference = logits(mixse, check)
+    mixse.mixse.fast = True
+    numerics["mixse_fast_vs_reference_path"] = compare_logits(fast, reference)
+    GatedLoraLinear.add_into = other
+    numerics[f"mixse_add{other}_vs_reference_path"] = compare_logits(logits(mixse, check), reference)
+    GatedLoraLinear.add_into = default
+    numerics["mixse_vs_base"] = compare_logits(fast, logits(ctx.model, check))  # the experts do change the output
+    # The bf16 noise floor: the same base model and tokens, computed alone vs inside a batch of two
+    # (other GEMM tilings and summation orders). Differences of this size are rounding, not bugs.
+    numerics["noise_floor_base_alone_vs_in_batch"] = compare_logits(
+        logits(ctx.model, check), logits(ctx.model, ids[:2, : s.numerics_len])[:1]
+    )
+
+    if s.peers:
+        loop = make_loop(ctx.model, ctx.experts, settings)
+        timings["loop"] = forward_timing(ctx, loop, ids)
+        numerics["loop_vs_mixse"] = compare_logits(logits(loop, check), fast)
+        del loop
+        fixed = make_mixse(ctx.model, ctx.experts, RouterSettings(mode=f"fixed:{ctx.experts[0].name}"))
+        numerics["mixse_fixed_e0_vs_peft_lora_e0"] = compare_logits(logits(fixed, check), logits(lora, check))
+        del lora, fixed
+        free_memory()
+        out["xlora"] = guarded("xlora", lambda: _xlora(ctx, ids, check, timings, numerics))
+    del mixse
+    free_memory()
+
+    out["timings"] = timings
+    out["tokens_per_s"] = {k: t.per_second(tokens) for k, t in timings.items()}
+    out["ratio_vs_base"] = {k: ratio(t, timings["base"]) for k, t in timings.items()}
+    out["numerics"] = numerics
+    if s.sweep:
+        out["sweep"] = guarded("sweep", lambda: sweep(ctx, ids))
+    return out
+
+
+def _xlora(ctx: Context, ids, check, timings: dict[str, Timing], numerics: dict[str, Any]) -> dict[str, Any]:
+    xlora = make_xlora(ctx.model, ctx.adapter_dirs, top_k=ctx.settings.top_k)
+    timings["xlora"] = forward_timing(ctx, xlora, ids)
+    # Same routing function on both sides: X-LoRA's classifier reads the final hidden state of an
+    # adapter-free pass, so compare with MiXSE's final_hidden input and the same router weights.
+    reading = make_mixse(ctx.model, ctx.experts, RouterSettings(top_k=ctx.settings.top_k, input="final_hidden"))
+    copy_router_into_xlora(reading, xlora)
+    numerics["xlora_vs_mixse_final_hidden"] = compare_logits(logits(xlora, check), logits(reading, check))
+    return {"top_k_lora": ctx.settings.top_k}
+
+
+def sweep(ctx: Context, ids: torch.Tensor) -> list[dict[str, Any]]:
+    """MiXSE ÷ base over N x r x k (each timed round-robin with the base), experts sliced from one set."""
+    s = ctx.settings
+    largest = random_experts(ctx.model, max(SWEEP_N), max(SWEEP_R), seed=s.seed + 7)
+    base = forward_fn(ctx.model, ids)
+    rows = []
+    for n in SWEEP_N:
+        for r in SWEEP_R:
+            experts = slice_experts(largest, n, r)
+            for k in SWEEP_K:
+                model = make_mixse(ctx.model, experts, RouterSettings(top_k=k))
+                t = time_interleaved(
+                    {"base": base, "mixse": forward_fn(model, ids)}, device=ctx.device, iters=s.iters, warmup=s.warmup
+                )
+                rows.append(
+                    {
+                        "N": n,
+                        "r": r,
+                        "k": k,
+                        "median_ms": t["mixse"].median_ms,
+                        "base_median_ms": t["base"].median_ms,
+                        "ratio_vs_base": ratio(t["mixse"], t["base"]),
+                    }
+                )
+                del model
+                free_memory()
+    return rows
+
+
+def show(result: dict[str, Any]) -> None:
+    if "timings" not in result:
+        return
+    rows = [
+        [k, t.median_ms, result["tokens_per_s"][k], result["ratio_vs_base"][k]] for k, t in result["timings"].items()
+    ]
+    table("E1 prefill (scoring)", ["variant", "median ms", "tokens/s", "÷ base"], rows)
+    if isinstance(result.get("sweep"), list):
+        table(
+            "E1 sweep",
+            ["N", "r", "k", "÷ base"],
+            [[r["N"], r["r"], r["k"], r["ratio_vs_base"]] for r in result["sweep"]],
+        )
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    ctx = make_context(settings_from(args))
+    result = run(ctx)
+    show(result)
+    if args.out:
+        write_json(args.out, {"e1_prefill": result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""E4: batched decode tokens/s with the KV cache, MiXSE ÷ base at batch 1, 8, 32, 128 (target ≥ 0.85).
+
+Every sequence holds ``decode_context`` cached tokens; a step is timed as a CUDA-graph replay
+(static cache, the way a serving loop runs it) and eagerly. The per-expert loop cannot be
+captured (host syncs, data-dependent shapes), so it runs eagerly; X-LoRA cannot cache, so its
+step is a full forward over the context (measured at small batches only). The bandwidth roofline
+of each batch is shown beside the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.decode import DecodeRunner, no_cache_step_time
+from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
+from benchmarks.timing import Timing
+from benchmarks.variants import compare_logits, make_loop, make_lora, make_mixse, make_xlora
+from selfmoe.models.mixse import RouterSettings
+
+
+def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
+    s = ctx.settings
+    settings = RouterSettings(top_k=s.top_k)
+    graphs = ctx.device.type == "cuda"
+    models: dict[str, torch.nn.Module] = {"base": ctx.model, "mixse": make_mixse(ctx.model, ctx.experts, settings)}
+    if s.peers:
+        models["lora"] = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name])
+        models["loop"] = make_loop(ctx.model, ctx.experts, settings)
+    out: dict[str, Any] = {"context": s.decode_context, "graphs": graphs, "batches": {}}
+    weights = weight_bytes_per_step(ctx.model)
+    for batch in s.decode_batches:
+        row: dict[str, Any] = {}
+        timings: dict[str, Timing] = {}
+        cache = None
+
+        def measure(
+            name: str, model: torch.nn.Module, graph: bool, fast: bool = True, batch=batch, timings=timings
+        ) -> dict[str, Any]:
+            nonlocal cache
+            if hasattr(model, "mixse"):
+                model.mixse.fast = fast
+            runner = DecodeRunner(
+                model, batch, s.decode_context, max_steps=s.decode_iters + 8, graph=graph, cache=cache
+            )
+            cache = runner.cache  # one cache per batch size, shared by every variant
+            try:
+                timings[name] = runner.time(iters=s.decode_iters, warmup=s.warmup)
+            finally:
+                runner.close()
+                if hasattr(model, "mixse"):
+                    model.mixse.fast = True
+            return {}
+
+        kinds = [("graph", True)] if graphs else []
+        kinds.append(("eager", False))
+        for kind, graph in kinds:
+            for name in ("base", "mixse", "mixse-ref", "lora"):
+                if not graph and name in ("mixse-ref", "lora"):
+                    continue  # eager rows: the base and MiXSE only (device time)
+                model = models.get("mixse" if name == "mixse-ref" else name)
+                if model is None:
+                    continue
+                row_name = f"{name}/{kind}"
+                err = guarded(row_name, lambda m=model, n=row_name, g=graph, f=name != "mixse-ref": measure(n, m, g, f))
+                if err:
+                    row.setdefault("errors", {})[row_name] = err
+        if "loop" in models:
+            err = guarded("loop", lambda: measure("loop/eager", models["loop"], False))
+            if err:
+                row.setdefault("errors", {})["loop/eager"] = err
+        cache = None
+        free_memory()
+        if s.peers and batch in s.xlora_decode_batches:
+            err = guarded("xlora", lambda b=batch, t=timings: _xlora(ctx, b, t))
+            if err:
+                row.setdefault("errors", {})["xlora/no-cache"] = err
+        row["timings"] = timings
+        row["tokens_per_s"] = tps = {k: t.per_second(batch) for k, t in timings.items()}
+        # MiXSE and the PEFT LoRA are compared with the base in the same mode; the loop (eager
+        # only) and X-LoRA (no cache) with both modes of the base.
+        for kind in ("graph", "eager"):
+            if f"base/{kind}" in tps:
+                row[f"ratio_vs_base_{kind}"] = {k: v / tps[f"base/{kind}"] for k, v in tps.items()}
+        if bytes_per_s:
+            context = s.decode_context + s.decode_iters / 2
+            roof = decode_roofline_tokens_per_s(weights, ctx.facts["kv_bytes_per_token"], batch, context, bytes_per_s)
+            row["roofline_tokens_per_s"] = roof
+            best = row["tokens_per_s"].get("base/graph") or row["tokens_per_s"].get("base/eager")
+            if best:
+                row["base_fraction_of_roofline"] = best / roof
+        out["batches"][batch] = row
+    guarded("graph check", lambda: _check_graph_tokens(ctx, models, out) or {})
+    return out
+
+
+def _xlora(ctx: Context, batch: int, timings: dict[str, Timing]) -> dict[str, Any]:
+    model = make_xlora(ctx.model, ctx.adapter_dirs, top_k=ctx.settings.top_k)
+    timings["xlora/no-cache"] = no_cache_step_time(model, batch, ctx.settings.decode_context, iters=ctx.settings.iters)
+    return {}
+
+
+def _check_graph_tokens(ctx: Context, models: dict[str, torch.nn.Module], out: dict[str, Any]) -> None:
+    """A graph replay computes what an eager step computes (batch 1): first-step logits and 8 greedy tokens.
+
+    With random weights the logits are nearly flat, so a last-bit difference between the eager
+    and the captured GEMMs can flip an argmax: the logits difference is the check.
+    """
+    if ctx.device.type != "cuda":
+        return
+    checks = {}
+    for name in ("base", "mixse"):
+        eager = DecodeRunner(models[name], 1, ctx.settings.decode_context, max_steps=16)
+        graph = DecodeRunner(models[name], 1, ctx.settings.decode_context, max_steps=16, graph=True, cache=eager.cache)
+        first = []
+        for runner in (eager, graph):
+            runner.reset()
+            runner.step()
+            first.append(runner.logits.float().clone())
+        checks[name] = {
+            "first_step_logits": compare_logits(first[1], first[0]),
+            "same_8_tokens": bool(torch.equal(eager.tokens(8), graph.tokens(8))),
+        }
+    out["graph_vs_eager"] = checks
+
+
+def show(result: dict[str, Any]) -> None:
+    rows = []
+    for batch, row in result.get("batches", {}).items():
+        for k, v in row.get("tokens_per_s", {}).items():
+            kind = "eager" if k.endswith("eager") else "graph"
+            ratios = row.get(f"ratio_vs_base_{kind}") or row.get("ratio_vs_base_eager", {})
+            rows.append([batch, k, v, ratios.get(k, float("nan"))])
+        if "roofline_tokens_per_s" in row:
+            rows.append([batch, "roofline", row["roofline_tokens_per_s"], float("nan")])
+    table("E4 batched decode", ["batch", "variant", "tokens/s", "÷ base (graph; eager rows: eager)"], rows)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    ctx = make_context(settings_from(args))
+    result = run(ctx)
+    show(result)
+    if args.out:
+        write_json(args.out, {"e4_decode": result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""E5: self-generation throughput of the base model through the project's TextGenerator.
+
+The data phase's brainstorming call (selfmoe.data.selfgen): a batch of ``data.batch_size``
+left-padded prompts, sampling at temperature 1.0 / top-p 0.98, up to 512 new tokens. Reported:
+generated tokens/s as TextGenerator counts them, the median decode step (CUDA events at every
+forward), and the bandwidth roofline at that batch and mean context (target ≥ 40 % of it). For
+contrast: plain HF ``generate`` at batch 1 (the naive path) and a CUDA-graph static-cache decode
+step at the same batch and context (what a graphed decode loop would reach).
+
+The weights are random, so a synthetic word-level tokenizer covering the whole vocabulary stands
+in for the real one (tokenisation is host work outside the timed decode steps).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.decode import DecodeRunner
+from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
+from benchmarks.timing import Timing
+from selfmoe.data.generation import TextGenerator
+
+# configs/base.yaml `data:` (selfmoe.config.DataConfig): the brainstorming call's settings.
+# Copied here so the harness needs no omegaconf; tests/test_benchmarks.py checks they agree.
+DATA = {"batch_size": 16, "temperature": 1.0, "top_p": 0.98, "max_new_tokens_brainstorm": 512}
+PROMPT_TOKENS = (256, 512)  # a brainstorming prompt: header + 3 seed tasks (measured range, see docs)
+NAIVE_NEW_TOKENS = 128
+
+
+def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose words ``w<i>`` are exactly the model's token ids."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="w0", eos_token="w1", pad_token="w2", unk_token="w3"
+    )
+
+
+def synthetic_prompts(n: int, vocab_size: int, lengths: tuple[int, int], seed: int = 0) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=gen).tolist()
+    return [" ".join(f"w{i}" for i in torch.randint(10, vocab_size, (k,), generator=gen).tolist()) for k in sizes]
+
+
+class StepClock:
+    """CUDA events at the start of every model forward: step times of a running ``generate``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.events: list[Any] = []
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:
+            self.events.append(time.perf_counter())
+
+    def decode_steps(self) -> Timing:
+        """Times between consecutive forwards after the first (prefill): one decode step each."""
+        self.handle.remove()
+        if self.cuda:
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) for a, b in zip(self.events[1:], self.events[2:], strict=False)]
+        else:
+            times = [(b - a) * 1e3 for a, b in zip(self.events[1:], self.events[2:], strict=False)]
+        return Timing(times)
+
+
+def _generate(gen: TextGenerator, prompts: list[str], max_new: int, sample: bool) -> tuple[int, float, Timing]:
+    clock = StepClock(gen.model)
+    before_tokens, before_s = gen.throughput.tokens, gen.throughput.seconds
+    gen.generate(
+        prompts, max_new_tokens=max_new, do_sample=sample, temperature=DATA["temperature"], top_p=DATA["top_p"]
+    )
+    steps = clock.decode_steps()
+    return gen.throughput.tokens - before_tokens, gen.throughput.seconds - before_s, steps
+
+
+def run(
+    ctx: Context, *, bytes_per_s: float | None = None, batch: int | None = None, max_new: int | None = None
+) -> dict:
+    s = ctx.settings
+    batch = batch or DATA["batch_size"]
+    max_new = max_new or DATA["max_new_tokens_brainstorm"]
+    vocab = ctx.model.config.vocab_size
+    tok = synthetic_tokenizer(vocab)
+    ctx.model.generation_config.pad_token_id = tok.pad_token_id
+    gen = TextGenerator(ctx.model, tok)
+    lengths = PROMPT_TOKENS if not s.shape.startswith("tiny") else (8, 16)
+    prompts = synthetic_prompts(batch, vocab, lengths, seed=s.seed)
+    prompt_len = max(len(p.split()) for p in prompts)  # left padding: every row holds the longest prompt
+    _generate(gen, prompts, 8, True)  # warm-up
+    tokens, seconds, steps = _generate(gen, prompts, max_new, True)
+    out: dict[str, Any] = {
+        "batch": batch,
+        "max_new_tokens": max_new,
+        "prompt_tokens_padded": prompt_len,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "decode_step": steps,
+        "decode_step_tokens_per_s": steps.per_second(batch),
+    }
+    context = prompt_len + max_new / 2
+    if bytes_per_s:
+        roof = decode_roofline_tokens_per_s(
+            weight_bytes_per_step(ctx.model), ctx.facts["kv_bytes_per_token"], batch, context, bytes_per_s
+        )
+        out.update(
+            roofline_tokens_per_s=roof,
+            roofline_context=context,
+            fraction_of_roofline=out["tokens_per_s"] / roof,
+            step_fraction_of_roofline=out["decode_step_tokens_per_s"] / roof,
+        )
+    # The naive path: plain HF generate at batch 1, greedy.
+    n_tokens, n_seconds, n_steps = _generate(gen, prompts[:1], min(max_new, NAIVE_NEW_TOKENS), False)
+    out["naive_batch1"] = {
+        "tokens_per_s": n_tokens / n_seconds,
+        "decode_step": n_steps,
+        "decode_step_tokens_per_s": n_steps.per_second(1),
+    }
+    free_memory()
+    if ctx.device.type == "cuda":
+        out["graphed_decode"] = guarded(
+            "graphed", lambda: _graphed(ctx, batch, int(context), out.get("roofline_tokens_per_s"))
+        )
+    return out
+
+
+def _graphed(ctx: Context, batch: int, context: int, roofline: float | None) -> dict[str, Any]:
+    runner = DecodeRunner(ctx.model, batch, context, max_steps=ctx.settings.decode_iters + 8, graph=True)
+    t = runner.time(iters=ctx.settings.decode_iters, warmup=ctx.settings.warmup)
+    runner.close()
+    out = {"context": context, "step": t, "tokens_per_s": t.per_second(batch)}
+    if roofline:
+        out["fraction_of_roofline"] = out["tokens_per_s"] / roofline
+    return out
+
+
+def show(result: dict[str, Any]) -> None:
+    if "tokens_per_s" not in result:
+        return
+    rows = [
+        ["TextGenerator (end to end)", result["batch"], result["tokens_per_s"], result.get("fraction_of_roofline")],
+        [
+            "TextGenerator (median step)",
+            result["batch"],
+            result["decode_step_tokens_per_s"],
+            result.get("step_fraction_of_roofline"),
+        ],
+        ["HF generate, naive", 1, result["naive_batch1"]["tokens_per_s"], None],
+    ]
+    g = result.get("graphed_decode") or {}
+    if "tokens_per_s" in g:
+        rows.append(["graphed static-cache step", result["batch"], g["tokens_per_s"], g.get("fraction_of_roofline")])
+    if "roofline_tokens_per_s" in result:
+        rows.append(["bandwidth roofline", result["batch"], result["roofline_tokens_per_s"], 1.0])
+    table("E5 self-generation", ["path", "batch", "tokens/s", "of roofline"], rows)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    ctx = make_context(settings_from(args))
+    result = run(ctx)
+    show(result)
+    if args.out:
+        write_json(args.out, {"e5_selfgen": result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The benchmark harness's helpers and MiXSE's fast path, against references (not timings).
+
+Fast-path tolerance: in float32 the fast path equals ``reference_forward`` within rtol = atol =
+1e-5 on logits (only the GEMMs' summation order differs); in bfloat16 its error against a
+float32 reference is at most 1.5x the reference path's own bfloat16 error plus 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from benchmarks.decode import DecodeRunner
+from benchmarks.roofline import (
+    attention_flops_per_token,
+    decode_bytes_per_step,
+    decode_roofline_tokens_per_s,
+    linear_params,
+    lora_training_flops_per_token,
+    weight_bytes_per_step,
+)
+from benchmarks.shapes import TARGETS, build_model, describe, random_experts, shared_copy, write_adapter
+from benchmarks.timing import Timing, ratio, time_fn
+from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_mixse, make_xlora
+from selfmoe.models.mixse import GatedLoraLinear, RouterSettings, ShrinkGroup, build_mixse, read_expert
+
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_model("tiny", "cpu", torch.float32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def experts(base):
+    # Different ranks stack; B is large enough that the experts move the logits visibly.
+    mixed = random_experts(base, 2, 4, seed=1, b_std=0.2) + random_experts(base, 1, 8, seed=2, b_std=0.2)
+    return [type(e)(name=f"x{i}", path=e.path, deltas=e.deltas) for i, e in enumerate(mixed)]
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def both_paths(model, ids):
+    fast = logits(model, ids)
+    model.mixse.fast = False
+    try:
+        return fast, logits(model, ids)
+    finally:
+        model.mixse.fast = True
+
+
+# --- MiXSE fast path vs its reference path --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"top_k": 2},
+        {"top_k": None},
+        {"top_k": 2, "renormalize": True, "temperature": 0.7},
+        {"scope": "per_layer"},
+        {"mode": "uniform"},
+        {"mode": "fixed:x1"},
+        {"input": "final_hidden"},
+    ],
+)
+@pytest.mark.parametrize("add_into", ["base", "expand"])
+def test_fast_path_equals_reference_path_in_float32(base, experts, ids, settings, add_into, monkeypatch):
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
+    model = make_mixse(base, experts, RouterSettings(**settings))
+    with torch.no_grad():
+        model.mixse.router.weight.normal_(0, 1.0)  # confident, varied routing
+    fast, reference = both_paths(model, ids)
+    torch.testing.assert_close(fast, reference, **FP32)
+    assert not torch.allclose(fast, logits(base, ids), atol=1e-3)  # the experts act
+
+
+def test_fast_path_in_bfloat16_is_as_accurate_as_the_reference_path(experts, ids):
+    ref32 = make_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
+    low = make_mixse(build_model("tiny", "cpu", torch.bfloat16), experts, RouterSettings(top_k=None))
+    low.mixse.router.load_state_dict(ref32.mixse.router.state_dict())
+    exact = logits(ref32, ids)
+    fast, reference = (t.float() for t in both_paths(low, ids))
+    err_fast, err_ref = (fast - exact).abs().max().item(), (reference - exact).abs().max().item()
+    assert err_fast <= 1.5 * err_ref + 1e-3, (err_fast, err_ref)
+
+
+def test_siblings_share_one_stacked_shrink_matrix(base, experts):
+    model = make_mixse(base, experts, RouterSettings())
+    layer = model.model.layers[0]
+    q, k, v = layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
+    gate, up, down = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+    assert isinstance(q.group, ShrinkGroup) and q.group is k.group is v.group
+    assert gate.group is up.group and gate.group is not q.group
+    assert down.group is None and layer.self_attn.o_proj.group is None
+    stacked = q.group.stacked
+    assert [m.lora_A.data_ptr() for m in (q, k, v)] == [
+        stacked[i * q.lora_A.shape[0]].data_ptr() for i in range(3)
+    ]  # one storage: in-place loads and optimiser steps reach both
+
+
+def test_in_place_expert_updates_and_moves_reach_the_fast_path(experts, ids):
+    # Its own base: the move below converts the (shared) parameters in place.
+    model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
+    before = logits(model, ids)
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_A.data.mul_(3.0)  # what load_mixse's copy_ into .data does
+    fast, reference = both_paths(model, ids)
+    torch.testing.assert_close(fast, reference, **FP32)
+    assert not torch.allclose(fast, before)
+    model.to(torch.float64)  # a move re-allocates the parameters: the group re-stacks
+    fast, reference = both_paths(model, ids)
+    torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+    assert q.group.stacked.dtype == torch.float64
+
+
+def test_fast_path_gradients_equal_reference_for_router_and_joint_experts(base, experts, ids):
+    grads = {}
+    for fast in (True, False):
+        model = make_mixse(base, experts, RouterSettings(top_k=2))
+        for m in model.modules():
+            if isinstance(m, GatedLoraLinear):
+                m.lora_A.requires_grad_(True)  # the joint router + experts ablation
+        model.mixse.fast = fast
+        model(input_ids=ids, labels=ids).loss.backward()
+        q = model.model.layers[1].self_attn.q_proj
+        grads[fast] = (model.mixse.router.weight.grad.clone(), q.lora_A.grad.clone())
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_router_only_gradients_through_the_shared_shrink(base, experts, ids):
+    grads = []
+    for fast in (True, False):
+        model = make_mixse(base, experts, RouterSettings(top_k=2))
+        model.mixse.fast = fast
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.mixse.router.weight.grad)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["mixse.router.weight"]
+    torch.testing.assert_close(grads[0], grads[1], **FP32)
+
+
+def test_gemma_shape_fast_path(experts, ids):
+    gemma = build_model("tiny-gemma", "cpu", torch.float32)
+    model = build_mixse(gemma, random_experts(gemma, 2, 4, seed=3, b_std=0.2), RouterSettings(top_k=1))
+    fast, reference = both_paths(model, ids)
+    torch.testing.assert_close(fast, reference, **FP32)
+
+
+# --- peers: same function on the same weights ------------------------------------------------------
+
+
+def test_loop_peer_equals_mixse(base, experts, ids):
+    torch.testing.assert_close(
+        logits(make_loop(base, experts, RouterSettings(top_k=2)), ids),
+        logits(make_mixse(base, experts, RouterSettings(top_k=2)), ids),
+        **FP32,
+    )
+
+
+def test_peft_peers_match_mixse(base, tmp_path, ids):
+    experts = random_experts(base, 3, 4, seed=5, b_std=0.2)
+    dirs = {e.name: write_adapter(e, tmp_path / e.name) for e in experts}
+    assert read_expert("e0", dirs["e0"]).deltas.keys() == experts[0].deltas.keys()
+    lora = PeftModel.from_pretrained(shared_copy(base), str(dirs["e0"])).eval()
+    fixed = make_mixse(base, experts, RouterSettings(mode="fixed:e0"))
+    torch.testing.assert_close(logits(fixed, ids), logits(lora, ids), **FP32)
+    xlora = make_xlora(base, dirs, top_k=1)
+    reading = make_mixse(base, experts, RouterSettings(input="final_hidden"))
+    copy_router_into_xlora(reading, xlora)
+    torch.testing.assert_close(logits(xlora, ids), logits(reading, ids), **FP32)
+
+
+def test_shared_copy_shares_weights_not_modules(base):
+    twin = shared_copy(base)
+    assert twin is not base and twin.model.layers[0] is not base.model.layers[0]
+    assert all(a is b for a, b in zip(twin.parameters(), base.parameters(), strict=True))
+
+
+# --- decode runner -----------------------------------------------------------------------------------
+
+
+def test_static_cache_decode_runner_matches_generate(base, experts):
+    model = make_mixse(base, experts, RouterSettings(top_k=2))
+    runner = DecodeRunner(model, batch=2, context=0, max_steps=12)
+    tokens = runner.tokens(6)
+    with torch.no_grad():
+        expected = model.generate(runner.first, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(tokens, expected[:, 1:])
+    assert torch.equal(runner.tokens(6), tokens)  # reset makes runs repeatable
+
+
+# --- arithmetic, by hand ------------------------------------------------------------------------------
+
+
+def test_roofline_arithmetic_by_hand(base):
+    # tiny: vocab 512, hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 KV heads; untied, float32.
+    attn = 64 * 64 + 2 * (64 * 32) + 64 * 64  # q, k, v, o
+    mlp = 3 * 64 * 128
+    per_layer = attn + mlp + 2 * 64  # two RMSNorm weights
+    weights = (2 * per_layer + 64 + 512 * 64) * 4  # layers + final norm + LM head; the input table is not read
+    assert weight_bytes_per_step(base) == weights
+    kv = describe(base)["kv_bytes_per_token"]
+    assert kv == 2 * 2 * 2 * 16 * 4  # K and V x layers x KV heads x head_dim x 4 bytes
+    assert decode_bytes_per_step(weights, kv, 8, 100) == weights + 8 * 100 * kv
+    assert decode_roofline_tokens_per_s(weights, kv, 8, 100, 1e9) == pytest.approx(8 / ((weights + 800 * kv) / 1e9))
+    assert linear_params(base) == 2 * (attn + mlp) + 512 * 64
+
+
+def test_llama3_8b_decode_roofline_matches_notes():
+    # 8.03e9 params minus the 128256 x 4096 input table, bf16; 128 KiB of KV per token.
+    weights = (8_030_261_248 - 128256 * 4096) * 2
+    tps = decode_roofline_tokens_per_s(weights, 131072, 128, 1024, 4.3e12)
+    assert 16_000 < tps < 17_500  # NOTES.md: ~16.6K tokens/s at batch 128, 1K context
+
+
+def test_training_flops_by_hand():
+    assert attention_flops_per_token(2, 64, 3) == 2 * 4 * 64 * 2
+    flops = lora_training_flops_per_token(linear=1000, lora=10, layers=2, q_width=64, seq_len=3)
+    attn = 2 * 4 * 64 * 2
+    assert flops == (2000 + 20 + attn) + (2000 + 40 + 2 * attn)
+
+
+def test_timing_median_and_ratio():
+    t = Timing([3.0, 1.0, 2.0, 100.0, 2.5])
+    assert t.median_ms == 2.5 and t.iters == 5
+    assert ratio(Timing([4.0]), Timing([2.0])) == 0.5  # twice the time: half the throughput
+    assert t.per_second(10) == pytest.approx(4000.0)
+    calls = []
+    out = time_fn(lambda: calls.append(1), device="cpu", iters=20, warmup=3)
+    assert out.iters == 20 and len(calls) == 23
+
+
+def test_compare_logits_by_hand():
+    ref = torch.tensor([[1.0, 2.0, 3.0]])
+    got = torch.tensor([[1.0, 2.5, 3.0]])
+    c = compare_logits(got, ref)
+    assert c["max_abs_diff"] == 0.5 and c["argmax_agree"] == 1.0 and c["ref_max_abs"] == 3.0
+    assert c["rel_l2"] == pytest.approx(0.5 / math.sqrt(14))
+
+
+def test_selfgen_settings_match_the_config():
+    from benchmarks.e5_selfgen import DATA
+    from selfmoe.config import load_config
+
+    data = load_config("generate", ["model=llama-3-8b"]).data  # the tiny model shortens generation
+    assert {k: getattr(data, k) for k in DATA} == DATA
+
+
+def test_harness_targets_every_linear_the_experts_train():
+    from selfmoe.config import load_config
+
+    assert tuple(load_config("expert", ["model=llama-3-8b"]).model.lora_targets) == TARGETS
+
+
+# --- on a GPU: the graphed decode -------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_graph_replay_decodes_like_eager_steps():
+    model = build_model("tiny", "cuda", torch.bfloat16)
+    mixse = build_mixse(model, random_experts(model, 3, 8, seed=1, b_std=0.2), RouterSettings())
+    eager = DecodeRunner(mixse, 2, 32, max_steps=16)
+    graph = DecodeRunner(mixse, 2, 32, max_steps=16, graph=True, cache=eager.cache)
+    assert torch.equal(eager.tokens(8), graph.tokens(8))
