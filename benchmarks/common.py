@@ -176,3 +176,14 @@ def quick(s: Settings) -> Settings:
     if s.device == "cpu":
         s.dtype = "float32"
     return s
+
+
+def cli_main(
+    doc: str, run: Callable[[Context], dict[str, Any]], show: Callable[[dict[str, Any]], None], key: str
+) -> None:
+    """The command line of one benchmark module: parse, build the context, run, print, save under ``key``."""
+    args = parser(doc.splitlines()[0]).parse_args()
+    result = run(make_context(settings_from(args)))
+    show(result)
+    if args.out:
+        write_json(args.out, {key: result})

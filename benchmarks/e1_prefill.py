@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, free_memory, guarded, table
 from benchmarks.shapes import random_experts, slice_experts
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
@@ -169,14 +169,5 @@ def show(result: dict[str, Any]) -> None:
         )
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"e1_prefill": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "e1_prefill")

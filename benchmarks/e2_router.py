@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, free_memory, guarded, table
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import make_loop, make_lora, make_mixse, make_xlora, trainable
 from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
@@ -116,14 +116,5 @@ def show(result: dict[str, Any]) -> None:
     table("E2 router training step", ["variant", "median ms", "tokens/s", "÷ frozen base fwd+bwd"], rows)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"e2_router": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "e2_router")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, table
 from benchmarks.roofline import H200_PEAK_BF16_FLOPS, linear_params, lora_training_flops_per_token
 from benchmarks.shapes import TARGETS, shared_copy
 from benchmarks.timing import time_fn
@@ -90,14 +90,5 @@ def show(result: dict[str, Any]) -> None:
     table("E3 expert LoRA training", ["variant", "median ms", "tokens/s", "TFLOP/s", "MFU"], rows)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"e3_expert": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "e3_expert")

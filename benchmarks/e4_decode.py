@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, free_memory, guarded, table
 from benchmarks.decode import DecodeRunner, no_cache_step_time
 from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
 from benchmarks.timing import Timing
@@ -138,14 +138,5 @@ def show(result: dict[str, Any]) -> None:
     table("E4 batched decode", ["batch", "variant", "tokens/s", "÷ base (graph; eager rows: eager)"], rows)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"e4_decode": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "e4_decode")

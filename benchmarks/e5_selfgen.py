@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from benchmarks.common import Context, free_memory, guarded, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, free_memory, guarded, table
 from benchmarks.decode import DecodeRunner
 from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
 from benchmarks.timing import Timing
@@ -168,14 +168,5 @@ def show(result: dict[str, Any]) -> None:
     table("E5 self-generation", ["path", "batch", "tokens/s", "of roofline"], rows)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"e5_selfgen": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "e5_selfgen")

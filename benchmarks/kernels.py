@@ -13,7 +13,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import Context, make_context, parser, settings_from, table, write_json
+from benchmarks.common import Context, cli_main, table
 from benchmarks.decode import DecodeRunner
 from benchmarks.variants import make_mixse
 from selfmoe.models.mixse import RouterSettings
@@ -93,14 +93,5 @@ def show(result: dict[str, Any]) -> None:
     table("Kernels per step (eager, batch 1)", ["phase", "variant", "kernels", "per layer", "device ms"], rows)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    ctx = make_context(settings_from(args))
-    result = run(ctx)
-    show(result)
-    if args.out:
-        write_json(args.out, {"profile": result})
-
-
 if __name__ == "__main__":
-    main()
+    cli_main(__doc__, run, show, "profile")

@@ -16,39 +16,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from selfmoe.config import Config
-from selfmoe.data.sharded import Collective, LocalCollective
+from selfmoe.data.sharded import Collective, LocalCollective, TorchCollective
+from selfmoe.training.trainer import placement
 
-T = TypeVar("T")
 Job = Callable[[PreTrainedModel, Collective], None]
-
-
-class TorchCollective:
-    """:class:`selfmoe.data.sharded.Collective` over the process group Lightning set up."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def broadcast(self, obj: T) -> T:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_gather(self, obj: T) -> list[T]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 class GenerationJob(L.LightningModule):
@@ -73,11 +52,7 @@ def generation_trainer(cfg: Config) -> L.Trainer:
     """A predict-only Trainer on the configured devices and strategy: no logger, checkpoints or bars."""
     t = cfg.trainer
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
+        **placement(t),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -8,13 +8,14 @@ Checkpoints: one resume point ``run_dir/checkpoints/last.ckpt`` (see
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from callbacks.checkpointing import LAST, ResumeCheckpoint
-from selfmoe.config import Config
+from selfmoe.config import Config, TrainerConfig
 from selfmoe.errors import ConfigError
 from selfmoe.training.checkpoint_io import AtomicCheckpointIO
 
@@ -45,6 +46,17 @@ def build_logger(cfg: Config, run_dir: Path) -> Logger | bool:
     return False
 
 
+def placement(t: TrainerConfig) -> dict[str, Any]:
+    """Where and how a Lightning Trainer (or Fabric) runs: the ``trainer.*`` device keys."""
+    return {
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "num_nodes": t.num_nodes,
+        "strategy": t.strategy,
+        "precision": t.precision,
+    }
+
+
 def build_trainer(
     cfg: Config,
     run_dir: Path,
@@ -64,11 +76,7 @@ def build_trainer(
     if t.progress_bar:
         extra.append(RichProgressBar(leave=True))
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
+        **placement(t),
         max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=t.gradient_clip_val,
