@@ -37,8 +37,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from selfmoe.plots import heatmap_png, token_routing_html, token_routing_png
 from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from selfmoe.plots import heatmap_png, token_routing_html, token_routing_png
 
 log = logging.getLogger(__name__)
 

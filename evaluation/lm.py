@@ -14,6 +14,7 @@ a model object that :mod:`evaluation.targets` builds from config. Three ways to 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,9 +26,12 @@ from selfmoe.config import Config, load_config
 
 
 def default_device(cfg: Config) -> str:
-    """The first GPU when there is one and the trainer config asks for GPUs, else the CPU."""
+    """The GPU of this process (``LOCAL_RANK``) when the trainer config asks for GPUs and there is
+    one, else the CPU."""
     wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    if not (wants_gpu and torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
 
 
 @register_model("selfmoe")

@@ -18,10 +18,13 @@ version) is not evaluated again unless ``force=true``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from selfmoe.artifacts import (
     versions,
 )
 from selfmoe.config import Config, EvalTaskConfig
+from selfmoe.data.sharded import Collective, LocalCollective
 from selfmoe.models.base import model_id
 
 log = logging.getLogger("selfmoe")
@@ -114,33 +118,74 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def evaluate_target(cfg: Config, target: Target, manager: Any) -> dict[str, Any]:
-    """Evaluate one target on the suite; returns its results document (also written to disk)."""
-    suite, tasks = suite_tasks(cfg)
-    groups = shot_groups(tasks)
-    out_dir = eval_root(cfg) / target.slug / suite
-    key = results_key(cfg, target, tasks)
-    previous = read_json(out_dir / RESULTS)
-    if previous.get("key") == key and not cfg.force:
-        log.info("%s on %s is up to date at %s (force=true to redo)", target.spec, suite, out_dir)
-        return previous
+@dataclass(frozen=True)
+class Unit:
+    """One target on one shot setting of the suite: one lm-eval call per seed, the unit of sharding."""
+
+    target: Target
+    shots: int
+    names: tuple[str, ...]
+
+
+def up_to_date(cfg: Config, target: Target, tasks: list[EvalTaskConfig]) -> bool:
+    out_dir = eval_root(cfg) / target.slug / suite_tasks(cfg)[0]
+    if cfg.force or read_json(out_dir / RESULTS).get("key") != results_key(cfg, target, tasks):
+        return False
+    log.info("%s on %s is up to date at %s (force=true to redo)", target.spec, out_dir.name, out_dir)
+    return True
+
+
+@contextlib.contextmanager
+def _as_single_process() -> Iterator[None]:
+    """Run one lm-eval call as the single process it is, on any rank.
+
+    Each rank runs its own units with lm-eval single-process (a model object, world size 1), but
+    lm-eval returns results only where ``LOCAL_RANK`` is 0 (its tensor-parallel convention), so
+    the variable is hidden for the duration of the call.
+    """
+    saved = os.environ.pop("LOCAL_RANK", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_RANK"] = saved
+
+
+class _Models:
+    """The target model of the current unit: consecutive units of one target share one build."""
+
+    def __init__(self, cfg: Config, device: str) -> None:
+        self.cfg, self.device, self.spec, self.lm = cfg, device, None, None
+
+    def get(self, target: Target) -> SelfMoELM:
+        if self.spec != target.spec:
+            self.lm = None  # free the previous target before building the next
+            self.lm = SelfMoELM(cfg=self.cfg, built=build_target(self.cfg, target, self.device))
+            self.spec = target.spec
+        assert self.lm is not None
+        return self.lm
+
+
+def evaluate_unit(cfg: Config, unit: Unit, manager: Any, models: _Models) -> dict[str, Any]:
+    """Run one unit (every seed) and return its part of the target's results, as plain JSON."""
     started = time.time()
-    built = build_target(cfg, target, default_device(cfg))
-    lm = SelfMoELM(cfg=cfg, built=built)
-    metric_of = {t.task: t.metric for t in tasks}
-    scores: dict[str, dict[str, Any]] = {t.task: {"num_fewshot": t.num_fewshot, "scores": []} for t in tasks}
-    runs, first_samples, leaf_map = [], {}, {}
+    lm = models.get(unit.target)
+    metric_of = {t.task: t.metric for t in cfg.eval.suites[suite_tasks(cfg)[0]]}
+    scores: dict[str, dict[str, Any]] = {name: {"num_fewshot": unit.shots, "scores": []} for name in unit.names}
+    runs: list[dict[str, Any]] = []
+    samples: dict[str, list[Any]] = {}
+    leaf_map: dict[str, str] = {}
     for i, seed in enumerate(cfg.eval.seeds):
-        for shots, names in groups.items():
-            if shots == 0 and i > 0:  # no few-shot draw to vary: the first seed's run stands for all
-                for name in names:
-                    scores[name]["scores"].append(scores[name]["scores"][0])
-                continue
-            log.info("lm-eval: %s, %s (%d-shot, seed %d)", target.spec, ", ".join(names), shots, seed)
+        if unit.shots == 0 and i > 0:  # no few-shot draw to vary: the first seed's run stands for all
+            for entry in scores.values():
+                entry["scores"].append(entry["scores"][0])
+            continue
+        log.info("lm-eval: %s, %s (%d-shot, seed %d)", unit.target.spec, ", ".join(unit.names), unit.shots, seed)
+        with _as_single_process():
             res = simple_evaluate(
                 model=lm,
-                tasks=names,
-                num_fewshot=shots,
+                tasks=list(unit.names),
+                num_fewshot=unit.shots,
                 task_manager=manager,
                 limit=cfg.eval.limit,
                 log_samples=True,
@@ -151,20 +196,40 @@ def evaluate_target(cfg: Config, target: Target, manager: Any) -> dict[str, Any]
                 confirm_run_unsafe_code=cfg.eval.confirm_run_unsafe_code,
                 apply_chat_template=cfg.model.template == "chat",
             )
-            for name in names:
-                value, metric = task_score(res, name, metric_of[name])
-                scores[name]["scores"].append(value)
-                scores[name]["metric"] = metric
-                scores[name]["version"] = res.get("versions", {}).get(name)
+        for name in unit.names:
+            value, metric = task_score(res, name, metric_of[name])
+            scores[name]["scores"].append(value)
+            scores[name]["metric"] = metric
+            scores[name]["version"] = res.get("versions", {}).get(name)
+        if i == 0:
             samples = res.pop("samples", {})
-            if i == 0:
-                first_samples.update(samples)
-                leaf_map.update(_leaf_to_task(res, names))
-            runs.append({"seed": seed, "num_fewshot": shots, "tasks": names, **{k: res.get(k) for k in LM_EVAL_KEYS}})
+            leaf_map = _leaf_to_task(res, list(unit.names))
+        run_ = {"seed": seed, "num_fewshot": unit.shots, "tasks": list(unit.names)}
+        runs.append(run_ | {k: res.get(k) for k in LM_EVAL_KEYS})
+    part: dict[str, Any] = {"target": unit.target.spec, "shots": unit.shots, "scores": scores, "runs": runs}
+    part["samples"] = samples
+    part["provenance"] = lm.built.provenance
+    if lm.built.is_mixse and cfg.eval.routing_docs > 0:
+        texts = _routing_texts(samples, leaf_map, cfg.eval.routing_docs)
+        recorder = routing_pass(
+            lm.built.model, lm.built.tokenizer, texts, batch_size=cfg.eval.batch_size, max_length=lm.max_length
+        )
+        part["routing"] = {"experts": recorder.experts, "tasks": recorder.result()}
+    part["seconds"] = time.time() - started
+    return _jsonable(part)
+
+
+def assemble(cfg: Config, target: Target, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join a target's parts (in suite order) into its results files; returns the results document."""
+    suite, tasks = suite_tasks(cfg)
+    out_dir = eval_root(cfg) / target.slug / suite
+    parts = sorted(parts, key=lambda p: list(shot_groups(tasks)).index(p["shots"]))
+    scores = {t.task: next(p["scores"][t.task] for p in parts if t.task in p["scores"]) for t in tasks}
     for entry in scores.values():
         entry["mean"], entry["std"] = mean_std(entry["scores"])
+    samples = {leaf: rows for p in parts for leaf, rows in p["samples"].items()}
     doc: dict[str, Any] = {
-        "key": key,
+        "key": results_key(cfg, target, tasks),
         "target": target.spec,
         "label": target.label,
         "suite": suite,
@@ -173,38 +238,61 @@ def evaluate_target(cfg: Config, target: Target, manager: Any) -> dict[str, Any]
         "limit": cfg.eval.limit,
         "batch_size": cfg.eval.batch_size,
         "lm_eval_version": lm_eval.__version__,
-        "provenance": built.provenance,
-        "seed_overlap": find_overlap(first_samples, seed_texts(cfg)),
-        "seconds": round(time.time() - started, 1),
+        "provenance": parts[0]["provenance"],
+        "seed_overlap": find_overlap(samples, seed_texts(cfg)),
+        "seconds": round(sum(p["seconds"] for p in parts), 1),
         "versions": versions(),
-        "runs": runs,
+        "runs": [run for p in parts for run in p["runs"]],
     }
     if doc["seed_overlap"]:
         log.warning("%d evaluated item(s) equal a generation seed: see seed_overlap in %s", len(doc["seed_overlap"]),
                     out_dir / RESULTS)  # fmt: skip
-    lines = [json.dumps(_jsonable({"task": t, **s})) + "\n" for t, rows in first_samples.items() for s in rows]
+    lines = [json.dumps({"task": t, **s}) + "\n" for t, rows in samples.items() for s in rows]
     atomic_write_text(out_dir / "samples.jsonl", "".join(lines))
-    if built.is_mixse and cfg.eval.routing_docs > 0:
-        texts = _routing_texts(first_samples, leaf_map, cfg.eval.routing_docs)
-        doc["routing"] = _write_routing(cfg, lm, built, texts, out_dir)
-    atomic_write_json(out_dir / RESULTS, _jsonable(doc))
+    routed = [p["routing"] for p in parts if "routing" in p]
+    if routed:
+        routing = {task: entry for r in routed for task, entry in r["tasks"].items()}
+        experts = routed[0]["experts"]
+        atomic_write_json(out_dir / "routing.json", {"experts": experts, "target": target.spec, "tasks": routing})
+        title = f"{target.label}: mean router weight per benchmark"
+        atomic_write_bytes(out_dir / "routing.png", routing_heatmap(routing, experts, title))
+        doc["routing"] = {task: entry["probs"]["overall"] for task, entry in routing.items()}
+    atomic_write_json(out_dir / RESULTS, doc)
     return doc
 
 
+def evaluate_targets(
+    cfg: Config, targets: list[Target], manager: Any, collective: Collective | None = None, device: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``targets`` on the suite, the units spread over the ranks; rank zero writes the results.
+
+    Returns {target spec: results document} on rank zero ({} on the other ranks).
+    """
+    collective = collective or LocalCollective()
+    _, tasks = suite_tasks(cfg)
+    todo = [t for t in targets if not up_to_date(cfg, t, tasks)]
+    units = [Unit(t, shots, tuple(names)) for t in todo for shots, names in shot_groups(tasks).items()]
+    models = _Models(cfg, device or default_device(cfg))
+    mine = [evaluate_unit(cfg, u, manager, models) for u in units[collective.rank :: collective.world_size]]
+    models.lm = None
+    parts = [part for rank_parts in collective.all_gather(mine) for part in rank_parts]
+    docs: dict[str, dict[str, Any]] = {}
+    if collective.rank == 0:
+        for t in todo:
+            docs[t.spec] = assemble(cfg, t, [p for p in parts if p["target"] == t.spec])
+        for t in targets:
+            if t.spec not in docs:
+                docs[t.spec] = read_json(eval_root(cfg) / t.slug / suite_tasks(cfg)[0] / RESULTS)
+    collective.barrier()  # the other ranks go on only once the results are in place
+    return docs
+
+
+def evaluate_target(cfg: Config, target: Target, manager: Any, collective: Collective | None = None) -> dict[str, Any]:
+    """Evaluate one target (see :func:`evaluate_targets`); its results document on rank zero."""
+    return evaluate_targets(cfg, [target], manager, collective).get(target.spec, {})
+
+
 LM_EVAL_KEYS = ("results", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better")
-
-
-def _write_routing(cfg: Config, lm: SelfMoELM, built: Any, texts: dict[str, list[str]], out_dir: Path) -> dict:
-    recorder = routing_pass(
-        built.model, built.tokenizer, texts, batch_size=cfg.eval.batch_size, max_length=lm.max_length
-    )
-    routing = recorder.result()
-    payload = {"experts": recorder.experts, "target": built.target.spec, "tasks": routing}
-    atomic_write_json(out_dir / "routing.json", payload)
-    if routing:
-        title = f"{built.target.label}: mean router weight per benchmark"
-        atomic_write_bytes(out_dir / "routing.png", routing_heatmap(routing, recorder.experts, title))
-    return {task: entry["probs"]["overall"] for task, entry in routing.items()}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -240,15 +328,25 @@ def write_summary(cfg: Config, order: list[str] | None = None) -> Path:
     return root / f"{SUMMARY}.md"
 
 
-def run(cfg: Config, targets: list[str] | None = None) -> Path:
-    """`python -m selfmoe eval`: every target of ``eval.targets`` (or ``targets``) on the suite."""
+def run(
+    cfg: Config, targets: list[str] | None = None, collective: Collective | None = None, device: str | None = None
+) -> Path:
+    """`python -m selfmoe eval`: every target of ``eval.targets`` (or ``targets``) on the suite.
+
+    With a ``collective`` of several ranks, the (target, shot setting) units are dealt out
+    round-robin, each rank runs lm-eval single-process on its own device, and rank zero writes
+    every results file and the table.
+    """
+    collective = collective or LocalCollective()
     parsed = [parse_target(t, cfg) for t in (targets or cfg.eval.targets)]
     check_available(cfg, parsed)
     _, tasks = suite_tasks(cfg)
     manager = task_manager(cfg)
     preflight(cfg, manager, shot_groups(tasks))  # offline and code opt-in problems stop us before any model
-    for target in parsed:
-        evaluate_target(cfg, target, manager)
-    summary = write_summary(cfg, [t.spec for t in parsed])
-    log.info("results table: %s", summary)
+    evaluate_targets(cfg, parsed, manager, collective, device)
+    summary = eval_root(cfg) / f"{SUMMARY}.md"
+    if collective.rank == 0:
+        write_summary(cfg, [t.spec for t in parsed])
+        log.info("results table: %s", summary)
+    collective.barrier()
     return summary

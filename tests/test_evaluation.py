@@ -311,11 +311,16 @@ def test_routing_recorder_equals_a_direct_computation(eval_outputs):
             top1 = top1 + torch.nn.functional.one_hot(probs.argmax(-1), 4).sum(1)
             tokens += ids.shape[1]
         assert got[task]["tokens"] == tokens
-        torch.testing.assert_close(torch.tensor(got[task]["probs"]["layers"]), per_layer / tokens, atol=1e-6, rtol=0)
         torch.testing.assert_close(
-            torch.tensor(got[task]["probs"]["overall"]), (per_layer / tokens).mean(0), atol=1e-6, rtol=0
+            torch.tensor(got[task]["probs"]["layers"], dtype=torch.float64), per_layer / tokens, atol=1e-6, rtol=0
         )
-        assert got[task]["top1"]["layers"] == (top1 / tokens).tolist()
+        torch.testing.assert_close(
+            torch.tensor(got[task]["probs"]["overall"], dtype=torch.float64),
+            (per_layer / tokens).mean(0),
+            atol=1e-6,
+            rtol=0,
+        )
+        assert got[task]["top1"]["layers"] == (top1.double() / tokens).tolist()
 
 
 def test_recorder_ignores_masked_tokens():
@@ -402,3 +407,42 @@ def test_stock_cli_entry_point_registers_the_model():
     code = "import evaluation.cli; from lm_eval.api.registry import get_model; print(get_model('selfmoe').__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True)
     assert out.stdout.strip() == "SelfMoELM"
+
+
+# --- across ranks -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_under_real_ddp_equals_one_process(eval_outputs, tmp_path):
+    """`python -m selfmoe eval trainer=ddp` on 2 CPU ranks (Lightning Fabric launches them): the
+    (target, shot setting) units are split over the ranks and rank zero writes results that equal
+    a one-process run's."""
+    import shutil
+    import subprocess
+    import sys
+
+    from evaluation.runner import RESULTS
+    from tests.conftest import REPO, TEST_OVERRIDES
+
+    runs = {}
+    for name, extra in (("one", []), ("two", ["trainer.strategy=ddp", "trainer.devices=2"])):
+        out = tmp_path / name
+        shutil.copytree(eval_outputs, out, ignore=shutil.ignore_patterns("eval"))
+        args = [f"output_dir={out}", *TEST_OVERRIDES, *UNSAFE, "eval.targets=[base,mixse]", "eval.limit=4",
+                "eval.routing_docs=2", "eval.batch_size=4", "trainer.accelerator=cpu", *extra]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ALLOW_CODE_EVAL": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "selfmoe", "eval", *args], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = out / "tiny" / "eval"
+    for target in ("base", "mixse"):
+        one, two = (json.loads((runs[n] / target / "smoke" / RESULTS).read_text()) for n in ("one", "two"))
+        assert {t: e["scores"] for t, e in two["tasks"].items()} == {t: e["scores"] for t, e in one["tasks"].items()}
+        assert two["key"] == one["key"]
+        samples = [(runs[n] / target / "smoke" / "samples.jsonl").read_text() for n in ("one", "two")]
+        assert samples[0] == samples[1]
+    routing = [json.loads((runs[n] / "mixse" / "smoke" / "routing.json").read_text()) for n in ("one", "two")]
+    assert routing[0] == routing[1]
+    assert (runs["two"] / "summary.md").read_text() == (runs["one"] / "summary.md").read_text()

@@ -19,14 +19,6 @@ import torch
 from matplotlib.colors import to_rgb
 from torch.utils.data import DataLoader
 
-from selfmoe.plots import (
-    DPI,
-    expert_colors,
-    heatmap_figsize,
-    token_routing_html,
-    token_routing_png,
-    token_strip_figsize,
-)
 from callbacks.routing import (
     RoutingStatsCallback,
     TokenRoutingCallback,
@@ -34,6 +26,14 @@ from callbacks.routing import (
     finalize,
     routing_summary,
     token_texts,
+)
+from selfmoe.plots import (
+    DPI,
+    expert_colors,
+    heatmap_figsize,
+    token_routing_html,
+    token_routing_png,
+    token_strip_figsize,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import torch.distributed as dist
+
 from selfmoe.data.generation import Completion, Throughput
 from selfmoe.data.journal import BatchJournal, request_id
 
@@ -77,6 +79,26 @@ class LocalCollective:
 
     def barrier(self) -> None:
         return None
+
+
+class TorchCollective:
+    """:class:`Collective` over an initialised ``torch.distributed`` group (Lightning's or torchrun's)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def broadcast(self, obj: T) -> T:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: T) -> list[T]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
 
 
 @dataclass(frozen=True)

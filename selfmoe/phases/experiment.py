@@ -23,6 +23,17 @@ from selfmoe.errors import ConfigError
 log = logging.getLogger("selfmoe")
 
 
+def current_collective() -> Any:
+    """The ranks training started (Lightning keeps the process group after fit), or one process."""
+    import torch.distributed as dist
+
+    from selfmoe.data.sharded import LocalCollective, TorchCollective
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchCollective(dist.get_rank(), dist.get_world_size())
+    return LocalCollective()
+
+
 def row_config(cfg: Config, row: ExperimentRow) -> Config:
     """The config a row runs under: the experiment's, plus the row's overrides."""
     extra = list(row.overrides) + (list(row.smoke_overrides) if cfg.eval.scale == "smoke" else [])
@@ -77,14 +88,17 @@ def run(cfg: Config) -> Path:
     suite, tasks = suite_tasks(cfg)
     manager = task_manager(cfg)
     preflight(cfg, manager, shot_groups(tasks))
+    collective = current_collective()
     docs = []
     for i, row in enumerate(x.rows):
         rcfg = row_config(cfg, row)
         target = parse_target(row.target, rcfg)
         log.info("[%s] row %d/%d: %s (%s)", x.name, i + 1, len(x.rows), row.label or target.label, target.spec)
         ensure_target(rcfg, target)
-        doc = evaluate_target(rcfg, target, manager)
+        doc = evaluate_target(rcfg, target, manager, collective)
         docs.append({**doc, "label": row.label or target.label, "series": row.series, "x": row.x})
+    if collective.rank != 0:  # rank zero writes the table
+        return Layout.for_model(cfg.output_dir, cfg.model.name).root / "experiments" / x.name
     names = [t.task for t in tasks]
     rows = summary_rows(docs, names)
     out = Layout.for_model(cfg.output_dir, cfg.model.name).root / "experiments" / x.name
