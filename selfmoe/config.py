@@ -504,8 +504,10 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config, as written next to every artifact."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config, as written next to every artifact: secrets redacted (see artifacts.redact)."""
+    from selfmoe.artifacts import redact
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
 
 
 def fingerprint(cfg: Config, *sections: str) -> dict[str, Any]:
