@@ -511,9 +511,14 @@ def to_yaml(cfg: Config) -> str:
 
 
 def fingerprint(cfg: Config, *sections: str) -> dict[str, Any]:
-    """The plain-dict content of the named config sections (what an artifact depends on)."""
+    """The plain-dict content of the named config sections (what an artifact depends on).
+
+    Reading policies that do not shape an artifact read as their defaults, so that switching one
+    (``data.on_bad_line=skip`` to get past a broken line) keeps the artifacts it did not change.
+    """
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(container, dict)
+    container["data"]["on_bad_line"] = DataConfig.on_bad_line  # the seeds actually used are hashed on their own
     out: dict[str, Any] = {}
     for dotted in sections:
         node: Any = container
