@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from selfmoe.errors import ConfigError
 
@@ -298,12 +298,25 @@ SELECTORS = ("model", "trainer", "experiment")  # `model=gemma-7b` picks a file;
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc}). Fix or restore the file.") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}. Fix the file's syntax.") from None
+        raise ConfigError(f"{path}: malformed YAML{_yaml_problem(exc)}. Fix the file's syntax.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """ " at line 3, column 9: expected ',' or ']' (while parsing a flow sequence)": one line, 1-based."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def config_dir() -> Path:
@@ -329,7 +342,14 @@ def _merge(schema: DictConfig, layer: dict[str, Any] | DictConfig, where: str) -
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         reason = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid value or unknown key {key!r}: {reason}") from None
+        unknown = isinstance(exc, ConfigKeyError)
+        fix = "remove it or correct its name" if unknown else "give it a value of the type the schema expects"
+        what = f"unknown key {key!r}" if unknown else (f"invalid value for {key!r}" if key else "invalid value")
+        end = "" if reason.endswith((".", "?")) else "."
+        raise ConfigError(
+            f"{where}: {what}: {reason}{end} Fix: {fix} "
+            "(`python -m selfmoe config <phase>` prints every key with its current value)."
+        ) from None
 
 
 def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
