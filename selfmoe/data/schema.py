@@ -144,7 +144,7 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield n, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                yield n, None, f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
                 continue
             if not isinstance(obj, dict):
                 yield n, None, f"not a JSON object (a {type(obj).__name__})"
