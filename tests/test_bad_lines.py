@@ -110,3 +110,10 @@ def test_the_policy_does_not_invalidate_artifacts():
     error, skip = (load_config("generate", [f"data.on_bad_line={p}"]) for p in ("error", "skip"))
     assert fingerprint(error, "data") == fingerprint(skip, "data")
     assert fingerprint(error, "data") != fingerprint(load_config("generate", ["data.top_p=0.5"]), "data")
+
+
+def test_a_truncated_gzip_is_a_clear_error(tmp_path):
+    path = tmp_path / "seeds.jsonl.gz"
+    path.write_bytes(gzip.compress(lines(*[GOOD] * 50))[:-20])
+    with pytest.raises(DataError, match=r"cannot read .*seeds\.jsonl\.gz .*fix or replace the file"):
+        load_seeds("math", SeedSource(path=str(path), format="plain", fields={"id": "id"}), count=3, seed=0)

@@ -132,24 +132,31 @@ def iter_json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     Lines are decoded one by one, so a stretch of bad bytes costs its own lines, not the file.
     """
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield n, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield n, None, f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield n, None, f"not a JSON object (a {type(obj).__name__})"
-                continue
-            yield n, obj, None
+    try:
+        with opener(path, "rb") as fh:
+            yield from _json_lines(fh)
+    except (OSError, EOFError) as exc:  # unreadable, or a truncated/corrupt gzip stream
+        raise DataError(f"cannot read {path} ({exc}); fix or replace the file.") from None
+
+
+def _json_lines(fh: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
+    for n, raw in enumerate(fh, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield n, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield n, None, f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield n, None, f"not a JSON object (a {type(obj).__name__})"
+            continue
+        yield n, obj, None
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example | dict[str, Any]]) -> int:
