@@ -3,7 +3,8 @@
 Every artifact a later phase trusts is written to a temporary sibling and renamed into place,
 so a crash (or a full disk) leaves either the previous artifact or none, never half of one.
 All paths derive from config (model slug, domain), never from the clock: under DDP every rank
-re-runs the same command and must agree on them.
+re-runs the same command and must agree on them. What is recorded next to an artifact goes through
+:func:`redact` first, so no token from the config or the environment ends up in a file.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,3 +152,59 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+REDACTED = "<redacted>"
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials", "apikey"}
+_KEY_QUALIFIERS = {"api", "access", "private", "secret", "auth"}  # "api_key", "access_key" (not "cache_key")
+# Token formats that are secrets wherever they appear (HF and GitHub tokens).
+_TOKEN_PATTERNS = re.compile(r"\bhf_[A-Za-z0-9]{30,}|\bgh[pousr]_[A-Za-z0-9]{30,}|\bgithub_pat_[A-Za-z0-9_]{30,}")
+_MIN_SECRET_LEN = 8  # shorter env values (flags like HF_HUB_DISABLE_IMPLICIT_TOKEN=1) are not secrets
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a key names a secret: ``token``, ``hf_token``, ``WANDB_API_KEY``, ``password``, ``client_secret``.
+
+    Words are split on non-alphanumerics and camelCase, so ``max_new_tokens`` or ``pad_token_id``
+    are not secrets: a token is the *last* word, a key needs a qualifier (``api_key``).
+    """
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
+    if not words:
+        return False
+    if _SECRET_WORDS.intersection(words):
+        return True
+    last = words[-1]
+    return last == "token" or (last == "key" and len(words) > 1 and words[-2] in _KEY_QUALIFIERS)
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-named environment variables (``HF_TOKEN``, ``WANDB_API_KEY``...), longest first."""
+    env = os.environ if env is None else env
+    values = {v for k, v in env.items() if is_secret_key(k) and len(v.strip()) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(obj: Any, env: Mapping[str, str] | None = None) -> Any:
+    """``obj`` (plain dicts, lists, scalars) with secrets replaced by ``"<redacted>"``.
+
+    A value under a secret-named key (:func:`is_secret_key`) is replaced whole; in any string,
+    the values of secret environment variables and known token formats are replaced where they
+    occur (a token pasted into some other setting).
+    """
+    return _redact(obj, secret_values(env))
+
+
+def _redact(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, Mapping):
+        return {
+            k: REDACTED if is_secret_key(str(k)) and v not in (None, "") else _redact(v, secrets)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_redact(x, secrets) for x in obj]
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, REDACTED)
+        return _TOKEN_PATTERNS.sub(REDACTED, obj)
+    return obj

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from selfmoe.errors import ConfigError
 
@@ -299,12 +299,25 @@ SELECTORS = ("model", "trainer", "experiment")  # `model=gemma-7b` picks a file;
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc}). Fix or restore the file.") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}. Fix the file's syntax.") from None
+        raise ConfigError(f"{path}: malformed YAML{_yaml_problem(exc)}. Fix the file's syntax.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """ " at line 3, column 9: expected ',' or ']' (while parsing a flow sequence)": one line, 1-based."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def config_dir() -> Path:
@@ -330,7 +343,14 @@ def _merge(schema: DictConfig, layer: dict[str, Any] | DictConfig, where: str) -
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         reason = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid value or unknown key {key!r}: {reason}") from None
+        unknown = isinstance(exc, ConfigKeyError)
+        fix = "remove it or correct its name" if unknown else "give it a value of the type the schema expects"
+        what = f"unknown key {key!r}" if unknown else (f"invalid value for {key!r}" if key else "invalid value")
+        end = "" if reason.endswith((".", "?")) else "."
+        raise ConfigError(
+            f"{where}: {what}: {reason}{end} Fix: {fix} "
+            "(`python -m selfmoe config <phase>` prints every key with its current value)."
+        ) from None
 
 
 def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -506,14 +526,21 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config, as written next to every artifact."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config, as written next to every artifact: secrets redacted (see artifacts.redact)."""
+    from selfmoe.artifacts import redact
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
 
 
 def fingerprint(cfg: Config, *sections: str) -> dict[str, Any]:
-    """The plain-dict content of the named config sections (what an artifact depends on)."""
+    """The plain-dict content of the named config sections (what an artifact depends on).
+
+    Reading policies that do not shape an artifact read as their defaults, so that switching one
+    (``data.on_bad_line=skip`` to get past a broken line) keeps the artifacts it did not change.
+    """
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(container, dict)
+    container["data"]["on_bad_line"] = DataConfig.on_bad_line  # the seeds actually used are hashed on their own
     out: dict[str, Any] = {}
     for dotted in sections:
         node: Any = container

@@ -88,7 +88,9 @@ def pretraining_corpus(cfg: Config, docs_per_kind: int = 48) -> list[str]:
     docs: list[str] = []
     for name in sorted(cfg.domains):
         domain = cfg.domains[name]
-        seeds = load_seeds(name, domain.seeds.local, count=domain.seeds.count, seed=cfg.seed)
+        seeds = load_seeds(
+            name, domain.seeds.local, count=domain.seeds.count, seed=cfg.seed, on_bad_line=cfg.data.on_bad_line
+        )
         k = min(len(seeds), cfg.data.brainstorm_demos + 3)
         for _ in range(docs_per_kind):
             picked = rng.sample(seeds, k)

@@ -12,7 +12,6 @@ rows used as seeds can be recorded and excluded from evaluation. Sampling uses a
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfmoe.data.schema import Example, read_jsonl_report
+from selfmoe.data.schema import SHOWN, Example, iter_json_lines, read_jsonl_report
 from selfmoe.data.seed_formats import FORMATS, ROLES, SCHEMAS, BadRow, MissingField, RowContext, convert
 from selfmoe.errors import DataError, OfflineError
 
@@ -72,16 +71,21 @@ def seed_ids(examples: Iterable[Example]) -> list[str]:
     return [e.id for e in examples]
 
 
-def load_seeds(domain: str, source: Any, *, count: int, seed: int) -> list[Example]:
+def load_seeds(domain: str, source: Any, *, count: int, seed: int, on_bad_line: str = "error") -> list[Example]:
     """Load ``count`` seed examples for ``domain`` from ``source``, converted to the canonical format.
 
     ``source`` has ``path``, ``name``, ``split``, ``format``, ``fields`` and ``subsets`` (see
     :class:`SeedSource`). The draw is deterministic in ``seed``; several subsets (BBH tasks) are
     drawn round-robin so the count is spread evenly. With fewer rows than ``count`` all rows are
-    returned and a warning is logged. Raises :class:`DataError` for missing, empty or malformed
-    sources and :class:`OfflineError` when a hub dataset is needed but the hub is unreachable.
+    returned and a warning is logged. Broken lines or rows (bad JSON or UTF-8, missing or unusable
+    fields) are all named by number, then raise (``on_bad_line="error"``) or are skipped with that
+    warning (``"skip"``, the ``data.on_bad_line`` setting). Raises :class:`DataError` for missing,
+    empty or malformed sources and :class:`OfflineError` when a hub dataset is needed but the hub is
+    unreachable.
     """
-    spec = _Spec.of(source, domain)
+    if on_bad_line not in ("error", "skip"):
+        raise DataError(f"on_bad_line={on_bad_line!r}: use error or skip.")
+    spec = _Spec.of(source, domain, on_bad_line)
     if count < 1:
         raise DataError(f"seed count for domain {domain!r} must be at least 1, got {count}")
     groups = _load_groups(spec)
@@ -117,9 +121,10 @@ class _Spec:
     format: str
     fields: dict[str, str]
     subsets: list[str]
+    on_bad_line: str = "error"
 
     @classmethod
-    def of(cls, source: Any, domain: str) -> _Spec:
+    def of(cls, source: Any, domain: str, on_bad_line: str = "error") -> _Spec:
         path = getattr(source, "path", None)
         if not path:
             raise DataError(
@@ -143,6 +148,7 @@ class _Spec:
             format=fmt,
             fields=fields,
             subsets=[str(s) for s in (getattr(source, "subsets", None) or [])],
+            on_bad_line=on_bad_line,
         )
 
 
@@ -169,7 +175,7 @@ def _load_groups(spec: _Spec) -> list[list[Example]]:
     if local is None:
         pools = _read_hub(spec)
     elif spec.format == "plain" and not spec.fields and local.is_file() and local.name.endswith(".jsonl"):
-        return [_read_plain_jsonl(local, spec.domain)]
+        return [_read_plain_jsonl(local, spec)]
     else:
         pools = _read_local(local, spec)
     return [_convert_pool(pool, spec) for pool in pools]
@@ -205,20 +211,31 @@ def _looks_like_path(path: str) -> bool:
     )
 
 
-def _read_plain_jsonl(path: Path, domain: str) -> list[Example]:
-    examples, bad = read_jsonl_report(path, domain=domain)
-    if bad:
-        lines = "; ".join(f"line {n}: {why}" for n, why in bad[:10])
-        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-        raise DataError(f"seed file {path}: {len(bad)} broken line(s): {lines}{more}. Expected {SCHEMAS['plain']}.")
+def _read_plain_jsonl(path: Path, spec: _Spec) -> list[Example]:
+    examples, bad = read_jsonl_report(path, domain=spec.domain)
+    _bad_rows(f"seed file {path}", [f"line {n}: {why}" for n, why in bad], spec)
     return examples
+
+
+def _bad_rows(origin: str, bad: list[str], spec: _Spec, hint: str = "") -> None:
+    """Stop on broken rows (``on_bad_line=error``) or warn and go on; either way each is named."""
+    if not bad:
+        return
+    shown = "; ".join(bad[:SHOWN]) + (f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else "")
+    if spec.on_bad_line == "skip":
+        log.warning("%s: skipped %d broken row(s) (data.on_bad_line=skip): %s", origin, len(bad), shown)
+        return
+    raise DataError(
+        f"{origin}: {len(bad)} broken row(s): {shown}. Expected {SCHEMAS[spec.format]}.{hint} "
+        "Fix or delete those rows, or set data.on_bad_line=skip to drop them."
+    )
 
 
 def _read_local(path: Path, spec: _Spec) -> list[_Pool]:
     if path.is_file():
-        return [_Pool(str(path), _stem(path) if spec.format == "bbh" else "", _read_rows(path))]
+        return [_Pool(str(path), _stem(path) if spec.format == "bbh" else "", _read_rows(path, spec))]
     files = _directory_files(path, spec)
-    return [_Pool(str(f), _stem(f), _read_rows(f)) for f in files]
+    return [_Pool(str(f), _stem(f), _read_rows(f, spec)) for f in files]
 
 
 def _directory_files(path: Path, spec: _Spec) -> list[Path]:
@@ -247,47 +264,35 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _read_rows(path: Path) -> list[_Row]:
+def _read_rows(path: Path, spec: _Spec) -> list[_Row]:
     """Raw rows of a .jsonl, .jsonl.gz or .json file (a list, or an object with ``examples``)."""
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            return _jsonl_rows(fh, path)
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            return _jsonl_rows(fh, path)
+    if path.name.endswith(".gz") or path.suffix == ".jsonl":
+        rows: list[_Row] = []
+        bad: list[str] = []
+        for n, obj, error in iter_json_lines(path):
+            if error is None:
+                rows.append(_Row(obj, len(rows), f"line {n}"))
+            else:
+                bad.append(f"line {n}: {error}")
+        _bad_rows(f"seed file {path}", bad, spec)
+        return rows
     if path.suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"seed file {path} is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"seed file {path} is not valid JSON: {exc}. Fix the file or point the seed path elsewhere."
+            ) from None
         items = obj.get("examples") if isinstance(obj, dict) else obj
         if not isinstance(items, list):
             raise DataError(f'seed file {path}: expected a JSON list of rows or {{"examples": [...]}}')
-        bad = [i for i, item in enumerate(items) if not isinstance(item, dict)]
-        if bad:
-            raise DataError(f"seed file {path}: rows {bad[:10]} are not JSON objects")
-        return [_Row(item, i, f"row {i}") for i, item in enumerate(items)]
+        _bad_rows(
+            f"seed file {path}",
+            [f"row {i}: not a JSON object" for i, x in enumerate(items) if not isinstance(x, dict)],
+            spec,
+        )
+        return [_Row(item, i, f"row {i}") for i, item in enumerate(items) if isinstance(item, dict)]
     raise DataError(f"seed file {path}: unsupported file type; use .jsonl, .jsonl.gz, .json or a BBH directory")
-
-
-def _jsonl_rows(lines: Iterable[str], path: Path) -> list[_Row]:
-    rows: list[_Row] = []
-    bad: list[str] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {n}: {exc}")
-            continue
-        if not isinstance(obj, dict):
-            bad.append(f"line {n}: not a JSON object")
-            continue
-        rows.append(_Row(obj, len(rows), f"line {n}"))
-    if bad:
-        raise DataError(f"seed file {path}: {len(bad)} broken line(s): {'; '.join(bad[:10])}")
-    return rows
 
 
 # --------------------------------------------------------------------------- hub
@@ -357,26 +362,31 @@ def _offline_error(spec: _Spec, reason: str, config: str | None = None) -> Offli
 def _convert_pool(pool: _Pool, spec: _Spec) -> list[Example]:
     ctx = RowContext(spec.format, spec.domain, spec.split, pool.task, spec.fields)
     out: list[Example] = []
+    bad: list[str] = []
+    hint = ""
+    unusable = 0
     for row in pool.rows:
         try:
             example = convert(row.data, row.index, ctx)
         except MissingField as exc:
             override = "" if exc.column == exc.role else f" (mapped from role {exc.role!r})"
-            raise DataError(
-                f"seed source {pool.origin}, {row.where}: missing field {exc.column!r}{override} that format "
-                f"{spec.format!r} needs. Expected {SCHEMAS[spec.format]}. Map other column names with "
-                f"domains.{spec.domain}.seeds.<source>.fields, e.g. {{{exc.role}: <column>}}."
-            ) from None
+            bad.append(f"{row.where}: missing field {exc.column!r}{override} that format {spec.format!r} needs")
+            hint = (
+                f" Map other column names with domains.{spec.domain}.seeds.<source>.fields, "
+                f"e.g. {{{exc.role}: <column>}}."
+            )
+            continue
         except BadRow as exc:
-            raise DataError(
-                f"seed source {pool.origin}, {row.where}: {exc}. Expected {SCHEMAS[spec.format]}."
-            ) from None
-        if example is not None:
+            bad.append(f"{row.where}: {exc}")
+            continue
+        if example is None:
+            unusable += 1
+        else:
             out.append(example)
-    skipped = len(pool.rows) - len(out)
-    if skipped:
+    _bad_rows(f"seed source {pool.origin}", bad, spec, hint)
+    if unusable:
         log.warning(
-            "seed source %s: skipped %d of %d rows that could not be converted", pool.origin, skipped, len(pool.rows)
+            "seed source %s: skipped %d of %d rows that could not be converted", pool.origin, unusable, len(pool.rows)
         )
     return out
 

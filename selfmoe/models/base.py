@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, read_manifest, sha256_text, versions
@@ -62,7 +63,19 @@ def _from_pretrained(loader, path: str, model_cfg: ModelConfig, **kwargs):
                 "(HF_HUB_OFFLINE). Download it where the hub is reachable and set model.path=/local/dir, "
                 "or use the built-in model (model=tiny)."
             ) from None
+        if kwargs.get("use_safetensors") and ".safetensors" in str(exc):
+            raise SelfMoEError(
+                f"model {path!r} has no safetensors weights: selfmoe loads weights from safetensors only, because "
+                ".bin/.pt/.ckpt files are pickles that can run code when loaded. Convert the model once where you "
+                "trust it (`AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)` writes safetensors) and "
+                "set model.path=dst, or pick a hub revision that has safetensors (model.revision)."
+            ) from None
         raise SelfMoEError(f"cannot load model {path!r}: {exc}") from None
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise SelfMoEError(
+            f"cannot load model {path!r}: a weights file is truncated or corrupt ({exc}); download or save "
+            "the model again (for the built-in tiny model: delete its directory, it is rebuilt)."
+        ) from None
 
 
 def load_tokenizer(cfg: Config, path: str | None = None) -> PreTrainedTokenizerBase:
@@ -79,7 +92,8 @@ def load_base(cfg: Config, *, device: str | torch.device = "cpu") -> tuple[PreTr
     """The frozen base model (eval mode, no grads) and its tokenizer."""
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
-    kwargs = {"dtype": DTYPES[cfg.model.dtype]}
+    # Never unpickle weights (a pickle can run code): hub models and local dirs alike must have safetensors.
+    kwargs = {"dtype": DTYPES[cfg.model.dtype], "use_safetensors": True}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     model = _from_pretrained(AutoModelForCausalLM, path, cfg.model, **kwargs)

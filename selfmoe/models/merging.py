@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,80 +43,28 @@ from torch import nn
 
 from selfmoe.artifacts import atomic_dir, atomic_write_json, sha256_file, versions
 from selfmoe.errors import ConfigError, DataError
-from selfmoe.models.mixse import ADAPTER_FILES, adapter_hash
+from selfmoe.models.adapter import read_lora
+from selfmoe.models.mixse import adapter_hash
 
 METHODS = ("linear", "ties", "dare", "dare_ties")
 MERGED_FILE, MERGE_JSON, FORMAT_VERSION = "merged.safetensors", "merge.json", 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Config switches whose adapters are not ``W0 + s·B·A`` on the saved base (variants, extra trained tensors).
-_UNSUPPORTED = (
-    "use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "monteclora_config", "arrow_config",
-    "kasa_config", "lora_ga_config", "lora_bias", "layer_replication", "target_parameters", "modules_to_save",
-    "trainable_token_indices",
-)  # fmt: skip
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")  # they rewrite W0 (or the forward)
-_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "EA", ".lora_embedding_B": "EB"}
-
-
-def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    # PEFT's rule (get_pattern_key): the first key, in dict order, matching the end of the module name.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 class LoraDeltas(Mapping[str, torch.Tensor]):
     """One PEFT LoRA adapter as a lazy ``{base module name: ΔW (float32)}`` mapping.
 
-    A and B (small) are read at once and validated; each dense ``ΔW`` is computed only when accessed.
+    A and B (small) are read at once and validated (:func:`~selfmoe.models.adapter.read_lora`);
+    each dense ``ΔW`` is computed only when accessed.
     """
 
     def __init__(self, adapter_dir: str | Path, *, device: str | torch.device = "cpu") -> None:
         self.path, self.device = Path(adapter_dir), torch.device(device)
-        where = f"adapter {self.path}"
-        missing = [f for f in ADAPTER_FILES if not (self.path / f).is_file()]
-        if missing:
-            raise DataError(f"{where} lacks {', '.join(missing)}; train the expert first or fix the path.")
-        try:
-            config = json.loads((self.path / "adapter_config.json").read_text())
-            tensors = load_file(self.path / "adapter_model.safetensors")
-        except (OSError, ValueError, SafetensorError) as exc:
-            raise DataError(f"{where} is unreadable ({exc}); retrain the expert.") from None
-        bad = [k for k in _UNSUPPORTED if config.get(k)]
-        init = config.get("init_lora_weights")
-        if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-            bad.append(f"init_lora_weights={init!r}")
-        if config.get("peft_type", "LORA") != "LORA" or config.get("bias", "none") != "none":
-            bad.append(f"peft_type={config.get('peft_type')!r}, bias={config.get('bias')!r}")
-        if bad:
-            raise DataError(f"{where}: {'; '.join(bad)} is not a plain LoRA (W0 + s·B·A); merging needs plain LoRA.")
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            name = key.removeprefix("base_model.model.")
-            suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
-            if suffix is not None:
-                parts.setdefault(name.removesuffix(suffix), {})[_SUFFIXES[suffix]] = tensor
-            elif not name.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' base copies
-                raise DataError(f"{where}: unexpected tensor {key!r} (not a LoRA factor); merging needs plain LoRA.")
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
-        for module, p in sorted(parts.items()):
-            if set(p) not in ({"A", "B"}, {"EA", "EB"}):
-                raise DataError(f"{where}: incomplete LoRA pair for {module}; retrain the expert.")
-            embedding = "EA" in p
-            a, b = (p["EA"], p["EB"]) if embedding else (p["A"], p["B"])
-            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-                raise DataError(f"{where}: {module} is not a linear/embedding LoRA pair (A {a.shape}, B {b.shape}).")
-            r = a.shape[0]
-            if r != _pattern_value(config.get("rank_pattern"), module, config.get("r")):
-                raise DataError(f"{where}: {module} has rank {r} but its config says otherwise; retrain the expert.")
-            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-            # PEFT stores embeddings' factors transposed, and Conv1D-style weights (fan_in_fan_out) as (in, out).
-            transpose = embedding or bool(config.get("fan_in_fan_out"))
-            self._factors[module] = (a, b, float(scale), transpose)
-        if not self._factors:
-            raise DataError(f"{where} holds no LoRA weights; retrain the expert.")
+        adapter = read_lora(self.path)
+        # PEFT stores embeddings' factors transposed, and Conv1D-style weights (fan_in_fan_out) as (in, out).
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {
+            module: (f.a, f.b, f.scale, f.embedding or adapter.fan_in_fan_out) for module, f in adapter.factors.items()
+        }
 
     def __getitem__(self, module: str) -> torch.Tensor:
         a, b, scale, transpose = self._factors[module]

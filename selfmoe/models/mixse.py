@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +37,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
-from selfmoe.errors import SelfMoEError
+from selfmoe.errors import DataError, SelfMoEError
+from selfmoe.models.adapter import ADAPTER_FILES, check_fits, read_lora
 from selfmoe.models.router import GateSpec, Router, gates_from_logits
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ROUTER_FILE, EXPERTS_FILE, MIXSE_FILE = "router.safetensors", "experts.safetensors", "mixse.json"
 FORMAT_VERSION = 1
 
@@ -84,53 +83,40 @@ class Expert:
 
 
 def adapter_hash(directory: str | Path) -> str:
-    """Content hash of an adapter directory (its config and weights)."""
+    """Content hash of an adapter directory (its config and weights); a missing file is a clear error."""
     h = hashlib.sha256()
     for name in ADAPTER_FILES:
-        h.update(sha256_file(Path(directory) / name).encode())
+        try:
+            h.update(sha256_file(Path(directory) / name).encode())
+        except OSError as exc:
+            file = Path(directory) / name
+            raise DataError(f"cannot read {file} ({exc.strerror or exc}); train the expert or fix the path.") from None
     return h.hexdigest()
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # PEFT matches rank/alpha pattern keys against the end of the module name.
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
-
-
 def read_expert(name: str, directory: str | Path) -> Expert:
-    """Read a PEFT LoRA adapter directory; errors name the expert and the fix."""
+    """Read a PEFT LoRA adapter directory as a MiXSE expert; errors name the expert and the fix.
+
+    Only adapters that a gated linear computes exactly as PEFT does are accepted: plain LoRA on
+    ``nn.Linear`` targets (``(out, in)`` weights). Embedding LoRA, ``fan_in_fan_out`` (Conv1D) and
+    everything :func:`~selfmoe.models.adapter.read_lora` refuses (variants, biases, stray tensors,
+    pickles, corrupt files) is an error rather than a silently different model.
+    """
     directory = Path(directory)
-    missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
-    if missing:
-        raise SelfMoEError(
-            f"expert {name!r} at {directory} is missing {', '.join(missing)}. "
-            f"Train it first (`make expert DOMAIN={name}`) or fix the path."
+    where = f"expert {name!r} at {directory}"
+    adapter = read_lora(directory, where=where, fix=f"train it again (`make expert DOMAIN={name} force=true`)")
+    embeddings = [m for m, f in adapter.factors.items() if f.embedding]
+    if embeddings:
+        raise DataError(
+            f"{where} adapts embedding layer(s) {embeddings[:3]}: MiXSE gates linear layers only. "
+            "Train the expert on linear targets (model.lora_targets)."
         )
-    config = json.loads((directory / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise SelfMoEError(f"expert {name!r} at {directory} is not a plain LoRA adapter (peft_type/use_dora).")
-    try:
-        tensors = load_file(directory / "adapter_model.safetensors")
-    except (SafetensorError, OSError) as exc:
-        raise SelfMoEError(
-            f"expert {name!r}: {directory / 'adapter_model.safetensors'} is unreadable ({exc}); retrain the expert."
-        ) from None
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise SelfMoEError(f"expert {name!r}: malformed LoRA pair for {module}; retrain the expert.")
-        r = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
-        scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-        deltas[module] = (a, b, float(scale))
-    if not deltas:
-        raise SelfMoEError(f"expert {name!r} at {directory} holds no LoRA weights; retrain the expert.")
+    if adapter.fan_in_fan_out:
+        raise DataError(
+            f"{where} has fan_in_fan_out=true (Conv1D-style (in, out) weights): MiXSE supports nn.Linear "
+            "targets only; use a base model with linear projections."
+        )
+    deltas = {m: (f.a, f.b, f.scale) for m, f in adapter.factors.items()}
     return Expert(name=name, path=directory, deltas=deltas)
 
 
@@ -563,13 +549,28 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_mixse_json(directory: str | Path) -> dict[str, Any]:
+    """``mixse.json`` of a saved MiXSE, checked for the fields :func:`load_mixse` needs."""
     path = Path(directory) / MIXSE_FILE
+    fix = "train the router again (`make router force=true`)"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SelfMoEError(
             f"{path} is missing or unreadable ({exc}); train the router first (`make router`)."
         ) from None
+    experts = meta.get("experts") if isinstance(meta, dict) else None
+    entries_ok = (
+        isinstance(experts, list)
+        and bool(experts)
+        and all(
+            isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("name", "path", "sha256")) for e in experts
+        )
+    )
+    if not entries_ok or not isinstance(meta.get("router"), dict) or not isinstance(meta.get("base_model"), str):
+        raise SelfMoEError(f"{path} is not a valid MiXSE description (experts, router, base_model); {fix}.")
+    if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise SelfMoEError(f"{path} has format {meta.get('format')!r}, this selfmoe reads {FORMAT_VERSION}; {fix}.")
+    return meta
 
 
 def load_mixse(
@@ -578,10 +579,12 @@ def load_mixse(
     """Rebuild a saved MiXSE on ``model`` (a fresh base): experts verified by hash, router restored.
 
     ``overrides`` replace saved router settings (e.g. ``top_k=2`` or ``mode="random"`` for the
-    routing ablations); a mismatching ``base_model`` id or a changed expert is refused.
+    routing ablations); a mismatching ``base_model`` id, a changed or unfitting expert, or a damaged
+    router file is refused before ``model`` is changed.
     """
     directory = Path(directory)
     meta = read_mixse_json(directory)
+    fix = "retrain the router (`make router force=true`)"
     if base_model is not None and meta["base_model"] != base_model:
         raise SelfMoEError(
             f"{directory} was built on base model {meta['base_model']!r}, not {base_model!r}; "
@@ -595,23 +598,39 @@ def load_mixse(
         if adapter_hash(path) != entry["sha256"]:
             raise SelfMoEError(
                 f"{directory}: expert {entry['name']!r} at {path} changed since the router was trained "
-                "(hash mismatch); retrain the router (`make router force=true`)."
+                f"(hash mismatch); {fix}."
             )
-        experts.append(read_expert(entry["name"], path))
-    settings = RouterSettings(**{**meta["router"], **overrides})
+        expert = read_expert(entry["name"], path)
+        shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b, _) in expert.deltas.items()}
+        check_fits(model, shapes, where=f"expert {expert.name!r} at {path}", fix=f"rebuild {directory} on this model")
+        experts.append(expert)
+    try:
+        settings = RouterSettings(**{**meta["router"], **overrides})
+    except (TypeError, ValueError) as exc:
+        raise SelfMoEError(f"{directory / MIXSE_FILE}: invalid router settings ({exc}); {fix}.") from None
+    router = _load_tensors(directory / ROUTER_FILE, fix)
+    stacked = _load_tensors(directory / EXPERTS_FILE, fix) if meta.get("experts_trained") else None
     build_mixse(model, experts, settings)
     try:
-        router = load_file(directory / ROUTER_FILE)
-    except (SafetensorError, OSError) as exc:
-        raise SelfMoEError(f"{directory / ROUTER_FILE} is unreadable ({exc}); retrain the router.") from None
-    model.mixse.router.load_state_dict(router)
-    if meta.get("experts_trained"):
-        stacked = load_file(directory / EXPERTS_FILE)
-        for name, module in model.named_modules():
-            if isinstance(module, GatedLoraLinear):
-                module.lora_A.data.copy_(stacked[f"{name}.lora_A"])
-                module.lora_B.data.copy_(stacked[f"{name}.lora_B"])
+        model.mixse.router.load_state_dict(router)
+        if stacked is not None:
+            for name, module in model.named_modules():
+                if isinstance(module, GatedLoraLinear):
+                    module.lora_A.data.copy_(stacked[f"{name}.lora_A"])
+                    module.lora_B.data.copy_(stacked[f"{name}.lora_B"])
+    except (KeyError, RuntimeError) as exc:  # another expert set or model: names or shapes differ
+        raise SelfMoEError(f"{directory}: saved weights do not match its experts ({exc}); {fix}.") from None
     return model
+
+
+def _load_tensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SelfMoEError(f"{path} is missing or unreadable ({exc}); {fix}.") from None
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise SelfMoEError(f"{path} holds NaN or inf values: the file is corrupt; {fix}.")
+    return tensors
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, sha256_text, versions
+from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, redact, sha256_text, versions
 from selfmoe.config import Config, fingerprint, to_yaml
 from selfmoe.training.faults import OutputWriteError, is_write_error, write_error
 from selfmoe.training.trainer import LAST
@@ -66,9 +66,9 @@ def is_done(directory: Path, key: str, cfg: Config, what: str, files: tuple[str,
 
 
 def write_metadata(directory: Path, cfg: Config, manifest: dict[str, Any]) -> None:
-    """``config.yaml`` (resolved) and ``manifest.json`` (what made it) into an artifact dir."""
+    """``config.yaml`` (resolved) and ``manifest.json`` (what made it) into an artifact dir, secrets redacted."""
     atomic_write_text(directory / "config.yaml", to_yaml(cfg))
-    atomic_write_json(directory / "manifest.json", {**manifest, "versions": versions()})
+    atomic_write_json(directory / "manifest.json", redact({**manifest, "versions": versions()}))
 
 
 def read_json(path: Path) -> dict[str, Any]:

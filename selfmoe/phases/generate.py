@@ -67,7 +67,9 @@ def ensure_data(cfg: Config, domain: str, base: BaseLoader | None = None) -> Pat
     """The data dir of ``domain``, generated first unless an up-to-date one exists."""
     dom = cfg.domains[domain]
     target = Layout.for_model(cfg.output_dir, cfg.model.name).data(domain)
-    seeds = load_seeds(domain, seed_source(cfg, domain), count=dom.seeds.count, seed=cfg.seed)
+    seeds = load_seeds(
+        domain, seed_source(cfg, domain), count=dom.seeds.count, seed=cfg.seed, on_bad_line=cfg.data.on_bad_line
+    )
     seeds_hash = sha256_text("\n".join(repr(s.to_dict()) for s in seeds))
     base_id = model_id(cfg)
     key = artifact_key(cfg, ("model", "data", f"domains.{domain}", "seed"), base=base_id, seeds=seeds_hash)

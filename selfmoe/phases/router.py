@@ -149,7 +149,8 @@ def run(cfg: Config, callbacks: list[Callback] | None = None) -> Path:
 def _token_view_prompts(cfg: Config, data_dirs: dict[str, Path], tokenizer) -> list[str]:
     """A few held-out examples per domain, in the training format, for the token-level view."""
     prompts = []
+    on_error = "raise" if cfg.data.on_bad_line == "error" else "skip"
     for path in data_dirs.values():
-        rows = read_jsonl(path / "val.jsonl") or read_jsonl(path / "train.jsonl")
+        rows = read_jsonl(path / "val.jsonl", on_error=on_error) or read_jsonl(path / "train.jsonl", on_error=on_error)
         prompts += [sft_prompt(ex, cfg.model.template, tokenizer) + ex.output for ex in rows[:TOKEN_VIEW_PROMPTS]]
     return prompts
