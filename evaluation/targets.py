@@ -169,8 +169,11 @@ def build_target(cfg: Config, target: Target, device: str | torch.device = "cpu"
     if target.kind in ("expert", "instance"):
         from peft import PeftModel
 
+        from selfmoe.models.adapter import check_adapter
+
         assert directory is not None
         _same_base((read_manifest(directory) or {}).get("base_model"), base_id, directory, how_to_make(target))
+        check_adapter(model, directory, where=f"{target.spec} at {directory}")
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
         provenance |= {"artifact": str(directory), "sha256": sha256_file(directory / ADAPTER_FILES[1])}
     elif target.kind == "merge":

@@ -375,11 +375,6 @@ def test_bad_input_table(case: Case, bad_outputs, tmp_path, capsys, monkeypatch)
         assert json.loads((out / "tiny" / case.writes / "manifest.json").read_text())["kind"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluation/targets.py loads expert:<d> through PeftModel.from_pretrained without checking the "
-    "adapter first; the fix (its owner's) is one call of selfmoe.models.adapter.check_adapter before it",
-)
 def test_eval_of_a_truncated_expert_is_a_clear_error(bad_outputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     out = tmp_path / "outputs"
@@ -388,6 +383,6 @@ def test_eval_of_a_truncated_expert_is_a_clear_error(bad_outputs, tmp_path, caps
     case = Case(("eval", "eval.targets=[expert:math]", *EVAL_ONE_TASK))
     try:
         code, text = run_cli(case, out, {}, capsys, monkeypatch)
-    except Exception as exc:  # today: safetensors' own error escapes the CLI with a traceback
+    except Exception as exc:  # e.g. safetensors' own error escaping the CLI
         pytest.fail(f"{type(exc).__name__} escaped the CLI: {exc}")
     assert code == 2 and "unreadable" in text and "Traceback" not in text
