@@ -17,6 +17,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 from selfmoe.config import TinyConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +54,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+    """A 2-layer Llama with seeded random weights: the shared fixture model of the unit tests."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 # Shared by the integration tests: the default tiny model and a small self-generated math set,

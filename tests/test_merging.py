@@ -28,6 +28,7 @@ from selfmoe.models.merging import (
     ties_trim,
 )
 from selfmoe.models.mixse import adapter_hash
+from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Each adapter exercises a different part of PEFT's scaling rule.
@@ -39,18 +40,7 @@ ADAPTERS = {
 
 
 def tiny_base(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed)
 
 
 @pytest.fixture(scope="module")

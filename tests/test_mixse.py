@@ -23,6 +23,7 @@ from selfmoe.models.mixse import (
     save_mixse,
 )
 from selfmoe.models.router import GateSpec, gates_from_logits, load_balancing_loss, topk_mask
+from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXPERTS = ["alpha", "beta", "gamma"]
@@ -30,20 +31,7 @@ RANKS = {"alpha": 4, "beta": 8, "gamma": 2}  # different ranks stack
 
 
 def tiny_base(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed)
 
 
 @pytest.fixture(scope="module")
