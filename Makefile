@@ -33,7 +33,7 @@ UNSAFE_ARGS = $(if $(filter 1,$(EVAL_UNSAFE)),eval.confirm_run_unsafe_code=true,
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data expert experts router baselines eval report experiment bench bench-cpu test test-fast lint clean
+.PHONY: help install demo data expert experts router baselines eval report experiment bench bench-scaling bench-cpu test test-fast lint clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,6 +84,9 @@ experiment: $(STAMP) ## a paper table/figure end to end: NAME=table1|table2|tabl
 
 bench: $(STAMP) ## GPU throughput benchmarks E1-E5 (Llama-3-8B + Gemma-7B shapes, random weights) -> outputs/bench/
 	$(PY) -m benchmarks --out outputs/bench/results.json
+
+bench-scaling: $(STAMP) ## multi-GPU scaling of router/expert training and sharded generation (1, 2, 4, 8 GPUs as present)
+	$(PY) -m benchmarks.scaling --gpus 1,2,4,8 --out outputs/bench/scaling.json
 
 bench-cpu: $(STAMP) ## CPU regression benchmark: MiXSE ÷ base forward (hidden 1024, 8 layers)
 	$(PY) -m benchmarks.cpu --out outputs/bench/cpu.json
