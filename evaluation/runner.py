@@ -251,7 +251,8 @@ def assemble(cfg: Config, target: Target, parts: list[dict[str, Any]]) -> dict[s
     atomic_write_text(out_dir / "samples.jsonl", "".join(lines))
     routed = [p["routing"] for p in parts if "routing" in p]
     if routed:
-        routing = {task: entry for r in routed for task, entry in r["tasks"].items()}
+        merged = {task: entry for r in routed for task, entry in r["tasks"].items()}
+        routing = {t.task: merged[t.task] for t in tasks if t.task in merged}  # rows in suite order
         experts = routed[0]["experts"]
         atomic_write_json(out_dir / "routing.json", {"experts": experts, "target": target.spec, "tasks": routing})
         title = f"{target.label}: mean router weight per benchmark"
