@@ -49,7 +49,8 @@ def _training_section(layout: Layout) -> list[str]:
     for path in sorted([*layout.root.glob("experts/*"), *(p.parent for p in layout.root.glob("*/mixse.json"))]):
         m = _manifest(path)
         if m:
-            before, after = m.get("val_loss_before"), m.get("val_loss_after")
+            metrics = m.get("metrics", {})  # experts record val_loss_after, the router its last val/loss
+            before, after = metrics.get("val_loss_before"), metrics.get("val_loss_after", metrics.get("val/loss"))
             fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
             name, seconds = path.relative_to(layout.root), m.get("seconds", "n/a")
             lines.append(f"| {name} | {fmt(before)} | {fmt(after)} | {seconds} |")
