@@ -17,6 +17,7 @@ import torch
 
 torch.set_num_threads(1)
 
+import lightning as L  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from selfmoe.config import TinyConfig  # noqa: E402
@@ -103,3 +104,31 @@ def outputs(tmp_path, tiny_outputs) -> Path:
     dst = tmp_path / "outputs"
     shutil.copytree(tiny_outputs, dst)
     return dst
+
+
+class FirstStep(L.Callback):
+    """Writes the global step a run starts from to ``path`` (readable from a forked rank too): a
+    resumed run starts past 0, which is how resume tests tell a resume from a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.is_global_zero and not self.path.exists():
+            self.path.write_text(str(trainer.global_step))
+
+
+def run_selfmoe(*args: str, timeout: int = 600, **env: str):
+    """``python -m selfmoe <args>`` in a subprocess (offline, one thread per process), output captured."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "selfmoe", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

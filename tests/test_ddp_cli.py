@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, TEST_OVERRIDES, make_config
+from conftest import TEST_OVERRIDES, make_config, run_selfmoe
 from safetensors.torch import load_file
 
 from selfmoe.artifacts import Layout
@@ -21,18 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_expert_training_under_real_ddp_keeps_the_global_batch(outputs, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     # No LoRA dropout: each rank draws its own masks, so only then can 2 ranks equal 1 process.
     same = ["domain=math", "trainer.accelerator=cpu", "expert.lora.dropout=0.0"]
     args = [f"output_dir={outputs}", *TEST_OVERRIDES, *same]
-    proc = subprocess.run(
-        [sys.executable, "-m", "selfmoe", "expert", *args, "trainer.strategy=ddp", "trainer.devices=2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_selfmoe("expert", *args, "trainer.strategy=ddp", "trainer.devices=2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     target = Layout.for_model(outputs, "tiny").expert("math")
     assert sorted(p.name for p in target.iterdir()) == sorted(EXPERT_FILES)  # rank zero wrote it, whole

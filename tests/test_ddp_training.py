@@ -29,6 +29,7 @@ from selfmoe.training.expert import ExpertLitModule
 from selfmoe.training.router import RouterLitModule
 from selfmoe.training.sft import trainable_parameters
 from selfmoe.training.trainer import build_trainer
+from tests.conftest import FirstStep
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 DOMAINS = ["math", "reasoning"]  # configured domain names; the toy content is letters vs digits
@@ -188,17 +189,6 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
-
-
-class FirstStep(L.Callback):
-    """Writes the global step the run starts from to ``path`` (readable from a forked rank too)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.is_global_zero and not self.path.exists():
-            self.path.write_text(str(trainer.global_step))
 
 
 @pytest.mark.parametrize(("devices", "num_workers"), [(1, 0), (2, 0), (1, 2)])

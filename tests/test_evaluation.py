@@ -418,11 +418,9 @@ def test_eval_under_real_ddp_equals_one_process(eval_outputs, tmp_path):
     (target, shot setting) units are split over the ranks and rank zero writes results that equal
     a one-process run's."""
     import shutil
-    import subprocess
-    import sys
 
     from evaluation.runner import RESULTS
-    from tests.conftest import REPO, TEST_OVERRIDES
+    from tests.conftest import TEST_OVERRIDES, run_selfmoe
 
     runs = {}
     for name, extra in (("one", []), ("two", ["trainer.strategy=ddp", "trainer.devices=2"])):
@@ -430,11 +428,7 @@ def test_eval_under_real_ddp_equals_one_process(eval_outputs, tmp_path):
         shutil.copytree(eval_outputs, out, ignore=shutil.ignore_patterns("eval"))
         args = [f"output_dir={out}", *TEST_OVERRIDES, *UNSAFE, "eval.targets=[base,mixse]", "eval.limit=4",
                 "eval.routing_docs=2", "eval.batch_size=4", "trainer.accelerator=cpu", *extra]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ALLOW_CODE_EVAL": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "selfmoe", "eval", *args], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=600,
-        )  # fmt: skip
+        proc = run_selfmoe("eval", *args, HF_ALLOW_CODE_EVAL="1")
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = out / "tiny" / "eval"
     for target in ("base", "mixse"):

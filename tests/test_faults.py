@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TEST_OVERRIDES, make_config
+from conftest import REPO, TEST_OVERRIDES, FirstStep, make_config
 from safetensors.torch import load_file
 
 from selfmoe import artifacts
@@ -97,17 +97,6 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             raise RuntimeError(f"simulated crash on rank {trainer.global_rank}")
-
-
-class FirstStep(L.Callback):
-    """Writes the global step the run starts from to ``path`` (readable from a forked rank too)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.is_global_zero and not self.path.exists():
-            self.path.write_text(str(trainer.global_step))
 
 
 # ---------------------------------------------------------------------------------------------

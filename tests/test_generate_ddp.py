@@ -9,14 +9,11 @@ the single-process session fixture's, byte for byte.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
-from conftest import REPO, TEST_OVERRIDES, make_config
+from conftest import TEST_OVERRIDES, make_config, run_selfmoe
 from fake_generation import DATA, DOMAIN, SEEDS, PureBackend, ThreadGroup
 
 from selfmoe.artifacts import Layout
@@ -155,16 +152,8 @@ def test_real_ddp_through_the_cli_equals_one_rank(outputs, tiny_outputs):
     reference = Layout.for_model(tiny_outputs, "tiny").data("math")
     target = Layout.for_model(outputs, "tiny").data("math")
     shutil.rmtree(target)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     args = [f"output_dir={outputs}", *TEST_OVERRIDES, "domain=math", "trainer.accelerator=cpu"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "selfmoe", "generate", *args, "trainer.strategy=ddp", "trainer.devices=2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_selfmoe("generate", *args, "trainer.strategy=ddp", "trainer.devices=2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     same_files(reference, target)
     assert json.loads((target / "manifest.json").read_text())["generation"]["world_size"] == 2
