@@ -90,3 +90,29 @@ def test_variance_experiment_end_to_end_at_smoke_scale(outputs, monkeypatch):
     assert "| MiXSE |" in text and " ± " in text
     for domain in ["knowledge", "reasoning", "math", "coding", "all"]:
         assert (root / "experts" / domain / "adapter_model.safetensors").is_file()
+
+
+def test_disk_full_while_writing_data_keeps_the_previous_data(outputs, monkeypatch):
+    """The data phase maps a full disk to one clear error and leaves the previous data as it was."""
+    import errno
+    import os
+
+    from selfmoe import artifacts
+    from selfmoe.phases import generate
+    from selfmoe.training.faults import OutputWriteError
+
+    path = Layout.for_model(outputs, "tiny").data("math")
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    replace = os.replace
+
+    def no_space(src, dst):
+        if ".tmp" in os.path.basename(src):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", no_space)
+    cfg = make_config("generate", outputs, "domain=math", "data.source=seeds")  # other settings: rebuilt in place
+    with pytest.raises(OutputWriteError) as info:
+        generate.run(cfg)
+    assert "No space left on device" in str(info.value) and f"previous data at {path}" in str(info.value)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before

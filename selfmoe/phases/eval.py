@@ -12,9 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfmoe.config import Config, world_size
+from selfmoe.phases.common import reporting_write_errors
+
+KEPT = "Results already written are complete files; targets without results.json are evaluated on the rerun."
 
 
 def run(cfg: Config) -> Path:
+    from evaluation.runner import eval_root
+
+    with reporting_write_errors(eval_root(cfg), KEPT):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: Config) -> Path:
     from evaluation.runner import run as evaluate
 
     if world_size(cfg.trainer) == 1:

@@ -33,7 +33,7 @@ from selfmoe.data.selfgen import domain_seed, self_generate, split_train_val
 from selfmoe.data.sharded import Collective, ShardedGenerator
 from selfmoe.errors import DataError
 from selfmoe.models.base import load_base, model_id
-from selfmoe.phases.common import artifact_key, is_done, log, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, log, reporting_write_errors, write_metadata
 from selfmoe.progress import make_progress
 from selfmoe.training.generate import run_on_ranks
 
@@ -156,7 +156,8 @@ class _Job:
         """Swap the finished artifact in; the journal inside the old directory goes with it."""
         cfg, domain = self.cfg, self.domain
         train, val = split_train_val(items, cfg.data.val_fraction, domain_seed(cfg.seed, domain))
-        with atomic_dir(self.target) as tmp:
+        kept = f"The previous data at {self.target}, if any, is unchanged (and so is the batch journal)."
+        with reporting_write_errors(self.target.parent, kept), atomic_dir(self.target) as tmp:
             write_jsonl(tmp / "train.jsonl", train)
             write_jsonl(tmp / "val.jsonl", val)
             write_jsonl(tmp / "raw.jsonl", [*items, *rejected])

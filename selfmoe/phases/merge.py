@@ -17,7 +17,7 @@ from selfmoe.config import Config
 from selfmoe.models.base import model_id
 from selfmoe.models.merging import DTYPES, MERGE_JSON, MERGED_FILE, MergeSpec, merge_adapters, save_merged
 from selfmoe.models.mixse import adapter_hash
-from selfmoe.phases.common import artifact_key, is_done, log, write_metadata
+from selfmoe.phases.common import artifact_key, is_done, log, reporting_write_errors, write_metadata
 from selfmoe.phases.router import expert_dirs
 
 MERGE_FILES = (MERGED_FILE, MERGE_JSON, "config.yaml", "manifest.json")
@@ -53,10 +53,11 @@ def run(cfg: Config, methods: list[str] | None = None) -> dict[str, Path]:
         started = time.time()
         log.info("merging %d experts (%s) with %s", len(dirs), ", ".join(dirs), method)
         deltas, meta = merge_adapters(dirs, spec, base_model=base_id, dtype=DTYPES[cfg.merge.dtype])
-        save_merged(target, deltas, meta, dtype=cfg.merge.dtype)
-        write_metadata(
-            target,
-            cfg,
-            {"kind": "merge", "key": key, "base_model": base_id, **meta, "seconds": round(time.time() - started, 2)},
-        )
+        kept = f"The previous merge at {target}, if any, is unchanged; without a manifest it is rebuilt next time."
+        with reporting_write_errors(target.parent, kept):
+            save_merged(target, deltas, meta, dtype=cfg.merge.dtype)
+            seconds = round(time.time() - started, 2)
+            write_metadata(
+                target, cfg, {"kind": "merge", "key": key, "base_model": base_id, **meta, "seconds": seconds}
+            )
     return out
