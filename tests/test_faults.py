@@ -117,11 +117,13 @@ def test_crash_mid_epoch_resumes_exactly(out, tmp_path, reference):
     assert_same_adapter(adapter(out), reference)
 
 
-def cli(out: Path, *args: str, log: Path, pause_file: Path | None = None, **popen) -> subprocess.Popen:
+def cli(
+    out: Path, *args: str, log: Path, pause_file: Path | None = None, verb: str = "expert", **popen
+) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     if pause_file is not None:
         env |= {"SELFMOE_TEST_PAUSE_AT_STEP": str(PAUSE_STEP), "SELFMOE_TEST_PAUSE_FILE": str(pause_file)}
-    command = [sys.executable, str(REPO / "tests" / "hooked_cli.py"), "expert", f"output_dir={out}", *TEST_OVERRIDES]
+    command = [sys.executable, str(REPO / "tests" / "hooked_cli.py"), verb, f"output_dir={out}", *TEST_OVERRIDES]
     return subprocess.Popen(
         [*command, *args], cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, **popen
     )
@@ -155,6 +157,47 @@ def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(out, tmp_path
     assert code == 0, text[-3000:]
     assert "resuming from" in text
     assert_same_adapter(adapter(out), reference)
+
+
+ROUTER = ("router.experts=[math,coding]", "router.checkpoint_every_n_steps=1")
+
+
+@pytest.fixture(scope="module")
+def with_experts(tiny_outputs, tmp_path_factory) -> Path:
+    """tiny_outputs plus trained math and coding experts (the coding data generated first)."""
+    dst = tmp_path_factory.mktemp("experts") / "outputs"
+    shutil.copytree(tiny_outputs, dst)
+    for domain in ("math", "coding"):
+        expert.run(make_config("expert", dst, f"domain={domain}"))
+    return dst
+
+
+@pytest.mark.slow
+def test_router_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(with_experts, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "outputs"
+    shutil.copytree(with_experts, reference)
+    shutil.copytree(with_experts, out)
+    want = load_file(router.run(make_config("router", reference, *ROUTER)) / "router.safetensors")
+
+    pause, log = tmp_path / "paused", tmp_path / "run.log"
+    proc = cli(out, *ROUTER, verb="router", log=log, pause_file=pause, start_new_session=True)
+    wait_for(pause, proc, log)
+    ckpt = Layout.for_model(out, "tiny").run("mixse") / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == PAUSE_STEP
+    at_kill = next(v for k, v in saved["state_dict"].items() if k.endswith("router.weight"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert finish(proc, log)[0] == -signal.SIGKILL
+    assert not (Layout.for_model(out, "tiny").root / "mixse").exists()
+
+    code, text = finish(cli(out, *ROUTER, verb="router", log=tmp_path / "rerun.log"), tmp_path / "rerun.log")
+    assert code == 0, text[-3000:]
+    assert "resuming from" in text
+    got = load_file(Layout.for_model(out, "tiny").root / "mixse" / "router.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:  # the router trains in eval mode (no dropout): same steps, same weights
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(got["weight"], at_kill)  # the rerun went on training from the checkpoint
 
 
 @pytest.mark.slow
