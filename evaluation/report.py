@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from evaluation.runner import RESULTS, eval_root, read_json, write_summary
-from selfmoe.artifacts import Layout, atomic_dir, versions
+from evaluation.runner import RESULTS, eval_root, write_summary
+from selfmoe.artifacts import Layout, atomic_dir, read_json, versions
 from selfmoe.config import Config
 from selfmoe.models.base import model_id
 

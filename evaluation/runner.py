@@ -42,6 +42,7 @@ from selfmoe.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    read_json,
     read_manifest,
     sha256_text,
     versions,
@@ -294,13 +295,6 @@ def evaluate_target(cfg: Config, target: Target, manager: Any, collective: Colle
 
 
 LM_EVAL_KEYS = ("results", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def write_summary(cfg: Config, order: list[str] | None = None) -> Path:

@@ -145,6 +145,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or {} when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     """The manifest of an artifact directory, or None if there is none (or it is unreadable)."""
     p = Path(directory) / "manifest.json"

@@ -383,11 +383,16 @@ def load_config(phase: str, overrides: list[str] | None = None) -> Config:
     if (config_dir() / "phase" / f"{phase}.yaml").is_file():
         cfg = _merge(cfg, _layer("phase", phase), f"configs/phase/{phase}.yaml")
     cfg.phase = phase
+    return _finish(cfg, dotted, "command line")
+
+
+def _finish(cfg: DictConfig, dotted: list[str], where: str) -> Config:
+    """``cfg`` with dotted ``key=value`` overrides merged in, as a validated :class:`Config`."""
     try:
         cli = OmegaConf.from_dotlist(dotted)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot parse overrides {dotted}: {exc}") from None
-    cfg = _merge(cfg, cli, "command line")
+    cfg = _merge(cfg, cli, where)
     try:
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -512,17 +517,7 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     selected, dotted = _parse_overrides(list(overrides))
     if selected:
         raise ConfigError(f"{sorted(selected)} pick config files; they cannot change inside a run: {overrides}.")
-    try:
-        cli = OmegaConf.from_dotlist(dotted)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {dotted}: {exc}") from None
-    merged = _merge(OmegaConf.structured(cfg), cli, f"overrides {dotted}")
-    try:
-        obj: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config: {str(exc).splitlines()[0]}") from None
-    validate(obj)
-    return obj
+    return _finish(OmegaConf.structured(cfg), dotted, f"overrides {dotted}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from selfmoe.artifacts import atomic_write_json, atomic_write_text, read_manifest, redact, sha256_text, versions
+from selfmoe.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_manifest,
+    redact,
+    sha256_text,
+    versions,
+)
 from selfmoe.config import Config, fingerprint, to_yaml
 from selfmoe.training.faults import OutputWriteError, is_write_error, write_error
 from selfmoe.training.trainer import LAST
@@ -69,14 +77,6 @@ def write_metadata(directory: Path, cfg: Config, manifest: dict[str, Any]) -> No
     """``config.yaml`` (resolved) and ``manifest.json`` (what made it) into an artifact dir, secrets redacted."""
     atomic_write_text(directory / "config.yaml", to_yaml(cfg))
     atomic_write_json(directory / "manifest.json", redact({**manifest, "versions": versions()}))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or {} when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def resume_point(run_dir: Path, key: str, cfg: Config) -> str | None:

@@ -10,10 +10,10 @@ from typing import Any
 import lightning as L
 from transformers import PreTrainedTokenizerBase
 
-from selfmoe.artifacts import atomic_write_json, sha256_file
+from selfmoe.artifacts import atomic_write_json, read_json, sha256_file
 from selfmoe.config import Config, OptimConfig, world_size
 from selfmoe.data.datamodule import SFTDataModule
-from selfmoe.phases.common import log, read_json, reporting_write_errors
+from selfmoe.phases.common import log, reporting_write_errors
 from selfmoe.training.sft import SFTLitModule
 from selfmoe.training.trainer import LOG_DIRS
 
