@@ -58,3 +58,21 @@ def test_mixse_routing_and_gated_linears_make_no_host_sync(tiny_outputs):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert len(gated) == 7 and all(o.isfinite().all() for o in outs)
+
+
+def test_router_bf16_logits_match_float32_on_rounded_operands():
+    """The inference router GEMM (bf16 operands, float32 accumulate and output) = float32 math
+    on the same bf16-rounded operands, and the training path is untouched."""
+    from selfmoe.models.router import Router
+
+    torch.manual_seed(0)
+    router = Router(4096, 4).cuda()
+    hidden = torch.randn(2, 64, 4096, device="cuda").bfloat16()
+    with torch.no_grad():
+        fast = router(hidden)
+    reference = torch.nn.functional.linear(hidden.double(), router.weight[0].bfloat16().double())
+    assert fast.dtype == torch.float32 and fast.shape == (2, 64, 4)
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-4)
+    with torch.enable_grad():  # autograd keeps the float32 path
+        exact = router(hidden)
+    torch.testing.assert_close(exact.double(), torch.nn.functional.linear(hidden.double(), router.weight[0].double()))

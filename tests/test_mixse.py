@@ -22,7 +22,7 @@ from selfmoe.models.mixse import (
     read_expert,
     save_mixse,
 )
-from selfmoe.models.router import GateSpec, gates_from_logits, load_balancing_loss, topk_mask
+from selfmoe.models.router import GateSpec, gates_from_logits, load_balancing_loss, low_precision_logits, topk_mask
 from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,6 +89,23 @@ def test_gates_from_logits_softmax_first_then_mask_in_float32():
     hot, _ = gates_from_logits(torch.tensor([[1.0, 2.0, 0.0]]), GateSpec(3, top_k=None, temperature=0.5))
     e2 = [math.exp(2.0), math.exp(4.0), 1.0]
     torch.testing.assert_close(hot, torch.tensor([[x / sum(e2) for x in e2]]))
+
+
+def test_low_precision_router_logits_only_for_inference_outside_autocast(monkeypatch):
+    """The bf16 router GEMM (CUDA only, tested in test_gpu.py) is chosen exactly when no
+    gradient, no autocast and half-precision hidden states make it equal to the float32 path's
+    operands; a CPU tensor never takes it (``mm`` with ``out_dtype`` has no CPU kernel)."""
+    w = torch.zeros(4, 8, requires_grad=True)
+    h = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert not low_precision_logits(h, w)  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert low_precision_logits(h, w)
+        assert not low_precision_logits(h.float(), w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not low_precision_logits(h, w)
+    assert not low_precision_logits(h, w)  # the router weight needs its gradient
+    assert low_precision_logits(h, w.detach())
 
 
 @pytest.mark.parametrize(("n", "k"), [(0, 1), (2, 3), (2, 0)])

@@ -99,4 +99,26 @@ class Router(nn.Module):
     def forward(self, hidden: torch.Tensor, layer: int = 0) -> torch.Tensor:
         """Logits (..., N) in float32 for hidden states (..., H)."""
         w = self.weight[layer if self.num_routers > 1 else 0]
+        if low_precision_logits(hidden, w):
+            # The operands autocast would give the GEMM (bf16 hidden, weights rounded to bf16),
+            # accumulated and returned in float32 on tensor cores: no float32 copy of the hidden
+            # states and no SIMT float32 GEMM (1.6 ms of an 8B scoring forward, docs/performance.md).
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            logits = torch.mm(flat, w.to(hidden.dtype).t(), out_dtype=torch.float32)
+            return logits.view(*hidden.shape[:-1], w.shape[0])
         return F.linear(hidden.float(), w.float())
+
+
+def low_precision_logits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether router logits may come from a half-precision GEMM with float32 output.
+
+    Only on CUDA (``mm`` with ``out_dtype`` has no CPU kernel), for half-precision hidden states
+    outside autocast (under autocast the float32 path is already cast to bf16 by autocast), and
+    without autograd (the mixed-dtype ``mm`` is an inference kernel).
+    """
+    return (
+        hidden.is_cuda
+        and hidden.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_autocast_enabled(hidden.device.type)
+        and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    )
