@@ -207,9 +207,9 @@ def test_bf16_autocast_steps_are_as_accurate_as_peft_stock(ids):
 
 def test_lean_trained_adapter_is_a_plain_peft_adapter(ids, tmp_path):
     """Train a few steps with the lean forward; the saved files equal PEFT stock's for those weights."""
+    plain = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=LINEAR_TARGETS)  # PEFT's own init
     torch.manual_seed(1)
-    lean = lora_training_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
-                               target_modules=LINEAR_TARGETS), fused=True, autocast=False).train()  # fmt: skip
+    lean = lora_training_model(tiny_llama(), plain, fused=True, autocast=False).train()
     params = [p for p in lean.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(3):
@@ -220,7 +220,7 @@ def test_lean_trained_adapter_is_a_plain_peft_adapter(ids, tmp_path):
 
     # PEFT stock with the same weights writes the same files, byte for byte.
     torch.manual_seed(1)
-    stock = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=LINEAR_TARGETS))
+    stock = get_peft_model(tiny_llama(), plain)
     stock.load_state_dict(lean.state_dict())
     stock.save_pretrained(tmp_path / "stock")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -259,3 +259,14 @@ def test_expert_phase_model(overrides, lean, cast):
     assert all(isinstance(m, LeanLoraLinear) == lean for m in layers)
     assert all(m.cast_input_dtype_enabled == cast for m in layers)
     assert model.peft_config["default"].to_dict() == expert.lora_config(cfg).to_dict()
+
+
+def test_fused_lora_keeps_finished_experts_and_checkpoints_valid():
+    """Same function, same masks: switching it neither rebuilds an expert nor discards a run."""
+    from selfmoe.phases.common import artifact_key
+
+    def key(*overrides):
+        return artifact_key(load_config("expert", list(overrides)), ("model", "expert", "seed"), data="d")
+
+    assert key() == key("expert.fused_lora=false")
+    assert key() != key("expert.lora.r=4")

@@ -24,7 +24,6 @@ PEFT's own forward. Never imports Lightning.
 
 from __future__ import annotations
 
-import abc
 import copy
 from typing import Any
 
@@ -45,17 +44,18 @@ def autocast_precision(precision: str) -> bool:
     return precision in AUTOCAST_PRECISIONS
 
 
-class _PlainLinear(abc.ABC):
+class _ExactType(type):
+    def __instancecheck__(cls, obj: object) -> bool:
+        return type(obj) is nn.Linear
+
+
+class _PlainLinear(metaclass=_ExactType):
     """``isinstance`` matches ``nn.Linear`` itself, not its subclasses.
 
     PEFT's custom-module dispatch tests ``isinstance`` and runs before its own dispatchers, and
     quantized layers (bitsandbytes' ``Linear8bitLt``/``Linear4bit``) subclass ``nn.Linear``:
     they must keep PEFT's dedicated LoRA layers.
     """
-
-    @classmethod
-    def __subclasshook__(cls, sub: type) -> bool:
-        return sub is nn.Linear
 
 
 class LeanLoraLinear(PeftLoraLinear):
