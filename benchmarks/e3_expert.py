@@ -1,53 +1,88 @@
 """E3: expert LoRA training MFU (target ≥ 40 %).
 
-The expert phase's step: PEFT LoRA (r=8, alpha=16, dropout 0.05) on all seven linears of the
-frozen base, adapters in float32 as PEFT makes them, Lightning's bf16-mixed autocast, train
-mode, AdamW. MFU = model FLOPs per step (benchmarks.roofline.lora_training_flops_per_token) /
-step time / the datasheet bf16 peak; the fraction of the measured matmul ceiling is shown too.
+The expert phase's step: LoRA (r=8, alpha=16, dropout 0.05) on all seven linears of the frozen
+base, adapters in float32 as PEFT makes them, built by the phase's own ``expert_model`` (the lean
+LoRA forward and PEFT's input cast off under bf16-mixed; selfmoe/models/lora_train.py), the
+phase's autocast, train mode, AdamW. PEFT stock (``get_peft_model`` and nothing else) is timed
+beside it. MFU = model FLOPs per step (benchmarks.roofline.lora_training_flops_per_token) / step
+time / the datasheet bf16 peak; the fraction of the measured matmul ceiling is shown too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from benchmarks.common import Context, cli_main, table
 from benchmarks.roofline import H200_PEAK_BF16_FLOPS, linear_params, lora_training_flops_per_token
-from benchmarks.shapes import TARGETS, shared_copy
+from benchmarks.shapes import shared_copy
 from benchmarks.timing import time_fn
+from selfmoe.config import Config, available, load_config
+from selfmoe.models.lora_train import autocast_precision
 
 EXPERT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}  # configs/base.yaml expert.lora
 
+# Label shown for each variant (the result keys stay machine-friendly).
+LABELS = {
+    "as_configured": "as configured",
+    "fused_lora_off": "expert.fused_lora=false",
+    "peft_stock": "PEFT stock",
+}
+
+
+def expert_config(ctx: Context) -> Config:
+    """The expert phase's config for this run: the shape's model preset and the device's trainer."""
+    model = ctx.settings.shape if ctx.settings.shape in available("model") else "llama-3-8b"
+    trainer = "gpu" if ctx.device.type == "cuda" else "cpu"
+    return load_config("expert", [f"model={model}", f"trainer={trainer}"])
+
 
 def run(ctx: Context, *, peak_flops: float = H200_PEAK_BF16_FLOPS, measured_matmul: float | None = None) -> dict:
-    """The expert step as configured, then two diagnostic variants that show where its time goes."""
-    out = {"as_configured": _measure(ctx, peak_flops, measured_matmul)}
-    # PEFT casts every LoRA input to the adapters' float32; under autocast the GEMM casts it back.
-    out["no_input_cast"] = _measure(ctx, peak_flops, measured_matmul, cast_input=False)
+    """The expert step as the phase runs it, then the variants that show what each change gives."""
+    from peft import get_peft_model
+
+    from selfmoe.phases.expert import expert_model, lora_config
+
+    cfg = expert_config(ctx)
+    builders: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+        "as_configured": lambda base: expert_model(cfg, base),
+        # PEFT's forward, with its input cast still off under autocast.
+        "fused_lora_off": lambda base: expert_model(replace(cfg, expert=replace(cfg.expert, fused_lora=False)), base),
+        "peft_stock": lambda base: get_peft_model(base, lora_config(cfg)),
+    }
+    out: dict[str, Any] = {"precision": cfg.trainer.precision}
+    for name, build in builders.items():
+        out[name] = _measure(ctx, cfg, build, peak_flops, measured_matmul)
     return out
 
 
 def _measure(
-    ctx: Context, peak_flops: float, measured_matmul: float | None, *, cast_input: bool = True, dropout: float = 0.05
+    ctx: Context,
+    cfg: Config,
+    build: Callable[[torch.nn.Module], torch.nn.Module],
+    peak_flops: float,
+    measured_matmul: float | None,
 ) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from selfmoe.models.lora_train import lean_layers
+
     s = ctx.settings
-    lora_config = LoraConfig(target_modules=list(TARGETS), **{**EXPERT_LORA, "lora_dropout": dropout})
-    model = get_peft_model(shared_copy(ctx.model), lora_config)
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.cast_input_dtype_enabled = cast_input
+    model = build(shared_copy(ctx.model))
     model.train()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4)
+    opt = torch.optim.AdamW(params, lr=cfg.expert.lr)
     ids = ctx.input_ids(s.expert_batch, s.expert_len, seed=3)
     device = ctx.device.type
+    precision = cfg.trainer.precision
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
 
     def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=dtype, enabled=autocast_precision(precision)):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -62,8 +97,10 @@ def _measure(
     tokens = ids.numel()
     achieved = flops_token * tokens / (t.median_ms / 1e3)
     out = {
-        "cast_input": cast_input,
-        "lora_dropout": dropout,
+        "lean_lora_layers": len(lean_layers(model)),
+        "lora_layers": len(layers),
+        "cast_input": any(m.cast_input_dtype_enabled for m in layers),
+        "lora_dropout": cfg.expert.lora.dropout,
         "tokens_per_step": tokens,
         "batch": s.expert_batch,
         "seq_len": s.expert_len,
@@ -83,7 +120,7 @@ def _measure(
 
 def show(result: dict[str, Any]) -> None:
     rows = [
-        [name, r["timing"].median_ms, r["tokens_per_s"], r["achieved_flops"] / 1e12, r["mfu"]]
+        [LABELS.get(name, name), r["timing"].median_ms, r["tokens_per_s"], r["achieved_flops"] / 1e12, r["mfu"]]
         for name, r in result.items()
         if isinstance(r, dict) and "timing" in r
     ]

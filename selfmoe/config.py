@@ -172,6 +172,9 @@ class TrainConfig(OptimConfig):
     """Expert (LoRA) training: PAPER.md §1.2."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # LoRA's scale-and-add inside the expand GEMM (selfmoe/models/lora_train.py): the same
+    # function as PEFT's forward with fewer passes over the output; false: PEFT's own forward.
+    fused_lora: bool = True
 
 
 DEFAULT_EXPERTS = ["knowledge", "reasoning", "math", "coding"]  # the paper's order (expert-count sweep)

@@ -267,6 +267,45 @@ def test_harness_targets_every_linear_the_experts_train():
     assert tuple(load_config("expert", ["model=llama-3-8b"]).model.lora_targets) == TARGETS
 
 
+# --- E3: the expert phase's training step -------------------------------------------------------
+
+
+def test_e3_times_the_expert_phase_step_beside_peft_stock(tmp_path, base):
+    from benchmarks import e3_expert
+    from benchmarks.common import Context, Settings, quick
+
+    settings = quick(Settings(device="cpu"))
+    result = e3_expert.run(Context(settings, base, [], {}, tmp_path, facts=describe(base)))
+    e3_expert.show(result)
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    assert set(rows) == {"as_configured", "fused_lora_off", "peft_stock"}
+    assert all(r["lora_params"] > 0 and r["mfu"] > 0 for r in rows.values())
+    n = rows["as_configured"]["lora_layers"]
+    assert n == len(TARGETS) * base.config.num_hidden_layers
+    # On a CPU the phase trains in 32-true: PEFT's input cast stays on everywhere.
+    assert result["precision"] == "32-true" and all(r["cast_input"] for r in rows.values())
+    assert rows["as_configured"]["lean_lora_layers"] == n
+    assert rows["fused_lora_off"]["lean_lora_layers"] == rows["peft_stock"]["lean_lora_layers"] == 0
+
+
+def test_e3_on_a_gpu_uses_the_phase_bf16_mixed_setup(tmp_path, base):
+    """What "as configured" builds on the H200 (checked here without one): lean layers, cast off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from benchmarks import e3_expert
+    from benchmarks.common import Context, Settings
+    from selfmoe.models.lora_train import lean_layers
+    from selfmoe.phases.expert import expert_model
+
+    cfg = e3_expert.expert_config(Context(Settings(device="cuda"), base, [], {}, tmp_path))
+    assert cfg.model.name == "llama-3-8b" and cfg.trainer.precision == "bf16-mixed"
+    lora = cfg.expert.lora
+    assert {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout} == e3_expert.EXPERT_LORA
+    model = expert_model(cfg, shared_copy(base))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(lean_layers(model)) == len(layers) > 0 and not any(m.cast_input_dtype_enabled for m in layers)
+
+
 # --- on a GPU: the graphed decode -------------------------------------------------
 
 

@@ -183,6 +183,7 @@ def test_typo_in_override_names_the_key():
         ("data.batch_size=abc", "data.batch_size"),
         ("expert.lora.r=x", "expert.lora.r"),
         ("expert.lr=fast", "expert.lr"),
+        ("expert.fused_lora=maybe", "expert.fused_lora"),
         ("force=maybe", "force"),
     ],
 )

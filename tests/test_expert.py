@@ -15,6 +15,7 @@ from selfmoe.artifacts import Layout
 from selfmoe.data.schema import read_jsonl
 from selfmoe.data.sft import collate, tokenize_example
 from selfmoe.models.base import load_base
+from selfmoe.models.lora_train import lean_layers
 from selfmoe.phases import expert, generate
 from selfmoe.phases.expert import EXPERT_FILES
 from selfmoe.phases.generate import DATA_FILES
@@ -105,6 +106,7 @@ def test_expert_trains_saves_and_reloads_with_plain_peft(outputs):
     # The adapter loads with plain PEFT, outside this project, and gives identical logits.
     base, tokenizer = load_base(cfg)
     reloaded = PeftModel.from_pretrained(base, str(target))
+    assert lean_layers(trained) and not lean_layers(reloaded)  # trained with expert.fused_lora (the default)
     ids = tokenizer(["Tom has 3 apples and buys 4 more.", "What is 2+2?"], return_tensors="pt", padding=True)
     trained.eval()
     with torch.no_grad():

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel
+from torch import nn
 
 from selfmoe.artifacts import Layout, atomic_dir
 from selfmoe.config import Config, grad_accumulation
 from selfmoe.models.base import load_base, model_id
+from selfmoe.models.lora_train import autocast_precision, lora_training_model
 from selfmoe.models.mixse import ADAPTER_FILES
 from selfmoe.phases import generate
 from selfmoe.phases.common import artifact_key, is_done, reporting_write_errors, resume_point, write_metadata
@@ -55,6 +57,13 @@ def lora_config(cfg: Config) -> LoraConfig:
     )
 
 
+def expert_model(cfg: Config, base: nn.Module) -> PeftModel:
+    """``base`` with a fresh LoRA expert, set up the way this phase trains it (also what E3 times)."""
+    return lora_training_model(
+        base, lora_config(cfg), fused=cfg.expert.fused_lora, autocast=autocast_precision(cfg.trainer.precision)
+    )
+
+
 def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: list[Callback] | None = None) -> Path:
     """Train (or resume, or skip when up to date) the expert ``name`` on ``data_dirs``."""
     layout = Layout.for_model(cfg.output_dir, cfg.model.name)
@@ -70,7 +79,7 @@ def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: 
 
     L.seed_everything(cfg.seed, workers=True)
     base, tokenizer = load_base(cfg)
-    model = get_peft_model(base, lora_config(cfg))
+    model = expert_model(cfg, base)
     datamodule = datamodule_for(cfg, data_dirs, tokenizer, cfg.expert, balance=False)
     module = ExpertLitModule(model, cfg.expert)
     trainer = build_trainer(
