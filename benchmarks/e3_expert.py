@@ -35,8 +35,12 @@ LABELS = {
 
 def expert_config(ctx: Context) -> Config:
     """The expert phase's config for this run: the shape's model preset and the device's trainer."""
-    model = ctx.settings.shape if ctx.settings.shape in available("model") else "llama-3-8b"
-    trainer = "gpu" if ctx.device.type == "cuda" else "cpu"
+    return phase_config(ctx.settings.shape, ctx.device)
+
+
+def phase_config(shape: str, device: torch.device) -> Config:
+    model = shape if shape in available("model") else "llama-3-8b"
+    trainer = "gpu" if device.type == "cuda" else "cpu"
     return load_config("expert", [f"model={model}", f"trainer={trainer}"])
 
 

@@ -5,7 +5,7 @@ builds the same seeded random model (``benchmarks.shapes``) and times:
 
 - E2, router training: MiXSE with only the router trainable, wrapped in DDP (the frozen base
   and experts are never synchronised, as in the router phase), one optimiser step per iteration;
-- E3, expert training: PEFT LoRA as the expert phase configures it, DDP over the LoRA params;
+- E3, expert training: LoRA built by the expert phase's own ``expert_model``, DDP over the LoRA params;
 - E5, sharded self-generation: :class:`selfmoe.data.sharded.ShardedGenerator` over the W ranks
   with the project's :class:`TextGenerator`, on the same prompts at every W.
 
@@ -38,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from benchmarks.common import Settings, console, environment, parser, settings_from, table, write_json
 from benchmarks.e2_router import train_step
-from benchmarks.e3_expert import EXPERT_LORA
+from benchmarks.e3_expert import phase_config
 from benchmarks.e5_selfgen import DATA, PROMPT_TOKENS, synthetic_prompts, synthetic_tokenizer
-from benchmarks.shapes import TARGETS, build_model, random_experts, shared_copy
+from benchmarks.shapes import build_model, random_experts, shared_copy
 from benchmarks.timing import Timing, time_fn
 from benchmarks.variants import make_mixse, trainable
 from selfmoe.data.sharded import ShardedGenerator, TorchCollective
@@ -178,12 +178,12 @@ def _router(base: torch.nn.Module, experts: list, cfg: ScalingConfig, rank: int,
 
 
 def _expert(base: torch.nn.Module, cfg: ScalingConfig, rank: int, world: int) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
+    from selfmoe.phases.expert import expert_model
 
     s = cfg.settings
     device = next(base.parameters()).device
     torch.manual_seed(s.seed + 2)  # the same LoRA init on every rank, as DDP's start would make it
-    model = get_peft_model(shared_copy(base), LoraConfig(target_modules=list(TARGETS), **EXPERT_LORA))
+    model = expert_model(phase_config(s.shape, device), shared_copy(base))  # as the expert phase trains
     model.train()
     ids = _input_ids(base.config.vocab_size, s.expert_batch, s.expert_len, s.seed + 200 + rank, device)
     out = _time_step(_ddp(model, device), ids, cfg, world)
