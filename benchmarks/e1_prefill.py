@@ -2,6 +2,12 @@
 
 A forward over ``prefill_batch x prefill_len`` tokens with full logits (what lm-eval's scoring
 does). Target: MiXSE (N=4, r=8, top-1, layer router) ≥ 0.90 of the base.
+
+On a GPU, the base, MiXSE and the single LoRA are also timed as CUDA-graph replays
+(``<name>/graph``, through :class:`selfmoe.models.graphed.GraphedLM`, as ``make eval`` scores),
+round-robin with the eager variants. The headline ``e1_ratio`` gives MiXSE ÷ base for both
+modes. The graphed ratio is what evaluation gets, and the eager one shows the host's launch
+overhead on top of it.
 """
 
 from __future__ import annotations
@@ -11,13 +17,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, cli_main, free_memory, guarded, table
+from benchmarks.common import Context, cli_main, console, free_memory, guarded, table
 from benchmarks.shapes import random_experts, slice_experts
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
+from selfmoe.models.graphed import GraphedLM
 from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
 
 SWEEP_N, SWEEP_R, SWEEP_K = (4, 8, 16), (8, 16, 64), (1, 2)
+NO_GRAPHS = "CUDA graphs need a GPU: the graphed variants were skipped on this device"
 
 
 def forward_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
@@ -36,6 +44,13 @@ def forward_timing(ctx: Context, model: torch.nn.Module, ids: torch.Tensor) -> T
 @torch.inference_mode()
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
+
+
+def replay_fn(graphed: GraphedLM, ids: torch.Tensor) -> Callable[[], None]:
+    def fwd() -> None:
+        graphed(ids, copy=False)  # as lm-eval scores through evaluation/lm.py: no copy of the logits
+
+    return fwd
 
 
 class _Path:
@@ -74,8 +89,24 @@ def run(ctx: Context) -> dict[str, Any]:
     lora = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name]) if s.peers else None
     if lora is not None:
         variants["lora"] = forward_fn(lora, ids)
-    # The base, MiXSE's paths and the single LoRA round-robin: their ratios share the conditions.
+    graphed: dict[str, GraphedLM] = {}
+    if ctx.device.type == "cuda":
+        # The default path only: the graph captures MiXSE's switches as they are at capture time.
+        graphed = {"base": GraphedLM(ctx.model), "mixse": GraphedLM(mixse)}
+        if lora is not None:
+            graphed["lora"] = GraphedLM(lora)
+        graphed = _captured(graphed, ids, out)
+        variants |= {f"{name}/graph": replay_fn(g, ids) for name, g in graphed.items()}
+    else:
+        out["graphs"] = NO_GRAPHS
+    # Eager and graphed variants round-robin: their ratios share the conditions.
     timings = time_interleaved(variants, device=ctx.device, iters=s.iters, warmup=s.warmup)
+    if graphed:
+        for name, g in graphed.items():
+            # Replay vs eager on the numerics slice: a graph of its own bucket, the same tokens.
+            numerics[f"{name}_graph_vs_eager"] = compare_logits(g(check).float(), logits(g.model, check))
+            g.reset()
+        del graphed
 
     fast = logits(mixse, check)
     mixse.mixse.fast = False
@@ -108,10 +139,27 @@ def run(ctx: Context) -> dict[str, Any]:
     out["timings"] = timings
     out["tokens_per_s"] = {k: t.per_second(tokens) for k, t in timings.items()}
     out["ratio_vs_base"] = {k: ratio(t, timings["base"]) for k, t in timings.items()}
+    out["e1_ratio"] = {"eager": out["ratio_vs_base"]["mixse"]}
+    if "base/graph" in timings:
+        out["ratio_vs_base_graph"] = {k: ratio(t, timings["base/graph"]) for k, t in timings.items()}
+        out["e1_ratio"]["graph"] = out["ratio_vs_base_graph"]["mixse/graph"]
     out["numerics"] = numerics
     if s.sweep:
         out["sweep"] = guarded("sweep", lambda: sweep(ctx, ids))
     return out
+
+
+def _captured(graphed: dict[str, GraphedLM], ids: torch.Tensor, out: dict[str, Any]) -> dict[str, GraphedLM]:
+    """The runners whose graph for ``ids`` captured. A failure is recorded, and the eager variants still run."""
+    kept = {}
+    for name, g in graphed.items():
+        try:
+            g(ids, copy=False)
+            kept[name] = g
+        except Exception as exc:
+            out.setdefault("graph_errors", {})[name] = repr(exc)
+            g.reset()
+    return kept
 
 
 def _xlora(ctx: Context, ids, check, timings: dict[str, Timing], numerics: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +208,15 @@ def show(result: dict[str, Any]) -> None:
     rows = [
         [k, t.median_ms, result["tokens_per_s"][k], result["ratio_vs_base"][k]] for k, t in result["timings"].items()
     ]
-    table("E1 prefill (scoring)", ["variant", "median ms", "tokens/s", "÷ base"], rows)
+    table("E1 prefill (scoring)", ["variant", "median ms", "tokens/s", "÷ eager base"], rows)
+    headline = result.get("e1_ratio", {})
+    graph = headline.get("graph")
+    console.print(
+        f"E1 MiXSE ÷ base: graphed {'—' if graph is None else f'{graph:.3f}'}"
+        f" (the headline), eager {headline.get('eager', float('nan')):.3f}"
+    )
+    if "graphs" in result:
+        console.print(f"note: {result['graphs']}")
     if isinstance(result.get("sweep"), list):
         table(
             "E1 sweep",

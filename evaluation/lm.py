@@ -10,6 +10,9 @@ a model object that :mod:`evaluation.targets` builds from config. Three ways to 
   ``python -m evaluation.cli run --model selfmoe --model_args target=expert:math,model=gemma-7b
   --tasks gsm8k_cot``. ``overrides`` takes space-separated config ``key=value`` pairs
   (``--model_args "target=mixse,overrides=output_dir=runs/a router.name=mixse-top2"``).
+
+On a GPU, loglikelihood scoring forwards are replayed from CUDA graphs (``eval.cuda_graphs``,
+:mod:`selfmoe.models.graphed`); generation stays lm-eval's own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lm_eval.models.huggingface import HFLM
 
 from evaluation.targets import BuiltTarget, build_target, parse_target
 from selfmoe.config import Config, load_config
+from selfmoe.models.graphed import Buckets, GraphedLM, max_positions
 
 
 def default_device(cfg: Config) -> str:
@@ -32,6 +36,16 @@ def default_device(cfg: Config) -> str:
     if not (wants_gpu and torch.cuda.is_available()):
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
+def scoring_runner(model: torch.nn.Module, enabled: bool, batch_size: int | str | None) -> GraphedLM | None:
+    """The CUDA-graph runner for scoring forwards, or None when switched off or not on a GPU."""
+    first = next(model.parameters(), None)
+    if not enabled or first is None or first.device.type != "cuda":
+        return None
+    # Full batches keep their size, and a shorter last batch rounds up to a power of two.
+    usual = batch_size if isinstance(batch_size, int) else None
+    return GraphedLM(model, buckets=Buckets(batch_size=usual, max_length=max_positions(model)))
 
 
 @register_model("selfmoe")
@@ -63,3 +77,23 @@ class SelfMoELM(HFLM):
             max_length=max_length or cfg.eval.max_length or cfg.model.max_length,
             **kwargs,
         )
+        self.scorer = scoring_runner(self.model, cfg.eval.cuda_graphs, self.batch_size)
+
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The loglikelihood path of a causal LM passes neither a mask nor labels. HFLM's autocast
+        # option stays eager, because autocast's cached weight casts do not belong in a graph.
+        if self.scorer is None or attn_mask is not None or labels is not None or self.mixed_precision_dtype is not None:
+            return super()._model_call(inps, attn_mask, labels)
+        # No copy: lm-eval takes log_softmax of the logits before its next call.
+        return self.scorer(inps, copy=False)
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        # The probe halves the batch after each out-of-memory error. An OOM in the middle of a
+        # capture would leave the graph half built, so the probe runs eagerly.
+        scorer, self.scorer = self.scorer, None
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            self.scorer = scorer

@@ -231,6 +231,7 @@ class EvalConfig:
     include_paths: list[str] = field(default_factory=list)  # extra lm-eval task dirs (local mirrors)
     routing_docs: int = 32  # docs per task in MiXSE's routing pass (0: off)
     log_samples: bool = True
+    cuda_graphs: bool = True  # on a GPU: loglikelihood scoring replays CUDA graphs (selfmoe/models/graphed.py)
 
 
 @dataclass
@@ -576,6 +577,7 @@ def _validate_eval(cfg: Config) -> None:
     _check(e.limit is None or e.limit > 0, "eval.limit must be > 0 (a count, or a fraction below 1) or null.")
     _check(bool(e.seeds), "eval.seeds is empty: give at least one few-shot seed.")
     _check(e.routing_docs >= 0, "eval.routing_docs must be >= 0.")
+    _check(isinstance(e.cuda_graphs, bool), f"eval.cuda_graphs={e.cuda_graphs!r}: use true or false.")
     x = cfg.experiment
     _check(x.kind in ("table", "line"), f"experiment.kind={x.kind!r}: use table or line.")
     _check(x.suite is None or x.suite in e.suites, f"experiment.suite={x.suite!r} is not one of {sorted(e.suites)}.")

@@ -309,6 +309,30 @@ def test_e3_on_a_gpu_uses_the_phase_bf16_mixed_setup(tmp_path, base):
 # --- on a GPU: the graphed decode -------------------------------------------------
 
 
+def e1_quick(device: str, tmp_path):
+    from benchmarks import e1_prefill
+    from benchmarks.common import Settings, make_context, quick
+
+    settings = quick(Settings(device=device))
+    settings.sweep = False
+    return e1_prefill.run(make_context(settings, tmp_path))
+
+
+def test_e1_quick_on_cpu_skips_the_graphs_with_a_note(tmp_path, capsys):
+    from benchmarks import e1_prefill
+
+    result = e1_quick("cpu", tmp_path)
+    assert "mixse" in result["timings"] and not any(k.endswith("/graph") for k in result["timings"])
+    assert result["e1_ratio"] == {"eager": result["ratio_vs_base"]["mixse"]}
+    assert "need a GPU" in result["graphs"]
+    e1_prefill.show(result)
+    printed = capsys.readouterr().out
+    assert "graphed —" in printed and "need a GPU" in printed
+
+
+# --- on a GPU: the graphed decode and prefill ---------------------------------------
+
+
 @pytest.mark.gpu
 def test_graph_replay_decodes_like_eager_steps():
     model = build_model("tiny", "cuda", torch.bfloat16)
@@ -316,3 +340,15 @@ def test_graph_replay_decodes_like_eager_steps():
     eager = DecodeRunner(mixse, 2, 32, max_steps=16)
     graph = DecodeRunner(mixse, 2, 32, max_steps=16, graph=True, cache=eager.cache)
     assert torch.equal(eager.tokens(8), graph.tokens(8))
+
+
+@pytest.mark.gpu
+def test_e1_quick_on_gpu_times_graph_replays_equal_to_eager(tmp_path):
+    result = e1_quick("cuda", tmp_path)
+    assert {"base/graph", "mixse/graph", "lora/graph"} <= set(result["timings"]), result.get("graph_errors")
+    assert result["e1_ratio"]["graph"] == result["ratio_vs_base_graph"]["mixse/graph"]
+    for name in ("base", "mixse", "lora"):
+        check = result["numerics"][f"{name}_graph_vs_eager"]
+        # bf16, and the replay pads 16 tokens to a bucket of 128: rounding only, far below the
+        # 4 % noise floor of docs/performance.md.
+        assert check["rel_l2"] < 0.02, (name, check)

@@ -185,6 +185,7 @@ def test_typo_in_override_names_the_key():
         ("expert.lr=fast", "expert.lr"),
         ("expert.fused_lora=maybe", "expert.fused_lora"),
         ("force=maybe", "force"),
+        ("eval.cuda_graphs=maybe", "eval.cuda_graphs"),
     ],
 )
 def test_bad_type_names_the_key(override, key):
@@ -293,6 +294,7 @@ def _with(cfg: Config, dotted: str, value) -> Config:
         ("domains.math.num_examples", 0, "domains.math.num_examples"),
         ("domains.math.seeds.count", 0, "domains.math.seeds.count"),
         ("domains.math.name", "algebra", "'algebra'"),
+        ("eval.cuda_graphs", "yes", "eval.cuda_graphs='yes'"),
     ],
 )
 def test_validate_rules(default_cfg, key, value, needle):
@@ -399,3 +401,8 @@ def test_adding_a_domain_is_adding_a_file(config_copy):
     assert dom.num_examples == 5000 and dom.checks.min_instruction_words == 3  # schema defaults
     assert set(cfg.domains) == {*DOMAINS, "physics"}
     assert load_config("generate", ["domain=all"]).domain_names == sorted([*DOMAINS, "physics"])
+
+
+def test_cuda_graphs_is_on_by_default_and_can_be_switched_off():
+    assert load_config("eval", []).eval.cuda_graphs is True
+    assert load_config("eval", ["eval.cuda_graphs=false"]).eval.cuda_graphs is False

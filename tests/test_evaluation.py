@@ -26,6 +26,7 @@ from selfmoe.artifacts import Layout
 from selfmoe.data.schema import Example, write_jsonl
 from selfmoe.errors import ConfigError, OfflineError, SelfMoEError
 from selfmoe.models.base import load_base, model_id
+from selfmoe.models.graphed import Buckets, GraphedLM
 from selfmoe.models.mixse import RouterSettings, build_mixse, read_expert, save_mixse
 from tests.conftest import make_config
 
@@ -94,6 +95,43 @@ def test_adapter_loglikelihoods_equal_plain_hflm(eval_outputs, target):
     assert ours == reference  # same model, same lm-eval code path: bit-identical
     if target != "base":  # and the expert really changes the model
         assert ours != SelfMoELM(target="base", cfg=cfg, batch_size=2).loglikelihood(requests(PAIRS))
+
+
+class CountingRunner(GraphedLM):
+    """The scoring runner's bucketing, run eagerly on the CPU, counting its calls."""
+
+    calls = 0
+
+    def __call__(self, input_ids, *, copy=True):
+        self.calls += 1
+        return super().__call__(input_ids, copy=copy)
+
+
+def test_scoring_goes_through_the_graph_runner_only_when_switched_on(eval_outputs, monkeypatch):
+    import evaluation.lm
+
+    made = []
+
+    def runner(model, enabled, batch_size):
+        if not enabled:
+            return None
+        # Length buckets of 8: the three requests pad to other lengths than their batches have.
+        made.append(CountingRunner(model, buckets=Buckets(8, batch_size=batch_size), pad_when_eager=True))
+        return made[-1]
+
+    monkeypatch.setattr(evaluation.lm, "scoring_runner", runner)
+    on = SelfMoELM(target="mixse", cfg=eval_config(eval_outputs), batch_size=2)
+    off = SelfMoELM(target="mixse", cfg=eval_config(eval_outputs, "eval.cuda_graphs=false"), batch_size=2)
+    assert on.scorer is made[0] and off.scorer is None and len(made) == 1
+    assert on.scorer.buckets.batch_size == 2
+    got, want = on.loglikelihood(requests(PAIRS)), off.loglikelihood(requests(PAIRS))
+    assert made[0].calls == 2  # three requests in batches of two
+    # Padding only changes GEMM shapes, so float32 rounding is all that may differ.
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-5)
+    # Generation is lm-eval's own: it never goes through the runner.
+    on.generate_until([Instance("generate_until", {}, ("1 + 1 =", {"max_gen_toks": 3, "until": ["\n"]}), 0)])
+    assert made[0].calls == 2
 
 
 def test_adapter_builds_from_model_args_string(eval_outputs, monkeypatch):
