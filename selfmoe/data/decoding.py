@@ -159,7 +159,7 @@ class StaticDecoder:
         slot.mask.copy_(torch.zeros_like(seen, dtype=dtype).masked_fill_(~seen, blocked)[:, None, None, :])
         slot.pos.copy_(valid.sum(-1, keepdim=True) - 1)
         rng = torch.Generator(device=device).manual_seed(seed) if do_sample else None
-        eos = torch.tensor(self.eos, device=device)
+        eos = torch.tensor(self.eos, dtype=torch.long, device=device)
         out = torch.full((batch, max_new_tokens), self.pad, dtype=torch.long, device=device)
         ended = torch.zeros(batch, dtype=torch.bool, device=device)
         watch = _Watch(self, input_ids.cpu(), valid.cpu(), stop_strings)
