@@ -209,6 +209,38 @@ def test_text_generator_falls_back_for_sliding_window_models(caplog):
     assert "model.generate" in caplog.text
 
 
+def test_a_decode_step_and_sampling_never_read_the_device(trained):
+    """What a CUDA graph needs and per-step speed wants, checked on the CPU: between the host's looks, no op
+    reads a value back (``.item()``, ``bool(t)``, ``torch.equal``, ``nonzero``: what would sync on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero"):
+                self.seen.append(name)
+            return func(*args, **kwargs)
+
+    model, tok = trained
+    for impl in ("sdpa", SELFMOE_SDPA):
+        model.set_attn_implementation(impl)
+        dec = _decoder(model, tok)
+        enc = _encode(tok, PROMPTS)
+        dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=3)
+        (slot,) = dec._slots.values()
+        rng = torch.Generator().manual_seed(0)
+        with Reads() as reads, torch.inference_mode():
+            logits = dec._step(slot)
+            dec._pick(logits, True, 0.7, 0.9, rng)
+            dec._pick(logits, False, 1.0, 1.0, None)
+        assert reads.seen == [], (impl, reads.seen)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", SELFMOE_SDPA])
 def test_cuda_graph_decode_equals_eager_decode(trained, impl):

@@ -17,6 +17,7 @@ is a different, equally exact, sampler of the same distribution than ``torch.mul
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from selfmoe.models.attention import NAME as SELFMOE_SDPA
+
+log = logging.getLogger(__name__)
 
 # Implementations that take a 4D additive float mask as it is.
 MASKABLE = ("sdpa", "eager", SELFMOE_SDPA)
@@ -210,7 +213,12 @@ class StaticDecoder:
             mask=torch.zeros(batch, 1, 1, length, dtype=self.model.dtype, device=device),
         )
         if self.graphs:
-            self._capture(slot)
+            try:
+                self._capture(slot)
+            except RuntimeError as exc:  # e.g. a model whose forward syncs with the host (dynamic RoPE)
+                log.warning("decoding without CUDA graphs: capturing a decode step failed (%s)", exc)
+                self.use_graphs = False
+                slot.graph = slot.logits = None
         self._slots[key] = slot
         return slot
 
