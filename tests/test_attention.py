@@ -114,7 +114,12 @@ def test_gqa_with_a_mask_never_repeats_kv(monkeypatch):
         cache = DynamicCache(config=ours.config)
         ours(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # prefill (T > 1)
         step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
-        ours(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=mask.sum(1, keepdim=True), past_key_values=cache)
+        ours(
+            input_ids=ids[:, -1:],
+            attention_mask=step_mask,
+            position_ids=mask.sum(1, keepdim=True),
+            past_key_values=cache,
+        )
     # The monkeypatch does bite: transformers' own sdpa with a mask does call it for a prefill.
     ref, _ = _pair()
     with pytest.raises(AssertionError, match="repeat_kv called"), torch.no_grad():

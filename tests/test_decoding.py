@@ -79,11 +79,15 @@ def test_greedy_tokens_equal_generate(trained, impl, check_every):
 
 def test_all_rows_ending_early_stop_the_call_at_the_last_end(trained):
     model, tok = trained
-    enc = _encode(tok, [PROMPTS[3], PROMPTS[3] + "\n\n### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6."])
+    enc = _encode(
+        tok, [PROMPTS[3], PROMPTS[3] + "\n\n### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6."]
+    )
     want = _hf(model, tok, enc, 40)
     assert want.shape[1] < 40  # every row emitted EOS
     for every in (1, 4, 64):
-        got = _decoder(model, tok, check_every=every).generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=40)
+        got = _decoder(model, tok, check_every=every).generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=40
+        )
         assert torch.equal(got, want)
 
 

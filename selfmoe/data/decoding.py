@@ -188,7 +188,12 @@ class StaticDecoder:
 
     def _forward(self, ids, positions, mask, cache, **extra) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self._cache_kw: cache}, **extra
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{self._cache_kw: cache},
+            **extra,
         )
         return out.logits
 
@@ -278,7 +283,10 @@ class _Watch:
     def finish(self, out: torch.Tensor, steps: int) -> torch.Tensor:
         self._read(out, steps)
         pad = self.decoder.pad
-        rows = [row[: e + 1] + [pad] * (steps - e - 1) if e is not None else row for row, e in zip(self.rows, self.end)]
+        rows = [
+            row[: e + 1] + [pad] * (steps - e - 1) if e is not None else row
+            for row, e in zip(self.rows, self.end, strict=True)
+        ]
         # generate stops at the step where the last row ended; columns after it would be all pad.
         width = max(e + 1 for e in self.end) if all(e is not None for e in self.end) else steps
         return torch.tensor([row[:width] for row in rows], dtype=torch.long).reshape(len(rows), width)

@@ -107,7 +107,11 @@ class TextGenerator:
         decoder = self.decoder()
         if decoder is not None:
             new = decoder.generate(
-                enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, stop_strings=stop_strings, **options
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                stop_strings=stop_strings,
+                **options,
             )
         else:
             out = self._hf_generate(enc, max_new_tokens=max_new_tokens, stop_strings=stop_strings, **options)
@@ -120,9 +124,7 @@ class TextGenerator:
         self.throughput.seconds += elapsed
         return results
 
-    def _hf_generate(
-        self, enc, *, max_new_tokens, do_sample, temperature, top_p, seed, stop_strings
-    ) -> torch.Tensor:
+    def _hf_generate(self, enc, *, max_new_tokens, do_sample, temperature, top_p, seed, stop_strings) -> torch.Tensor:
         tok = self.tokenizer
         # top_k=0 switches off the top-50 default of many generation configs: PAPER §1.1 samples
         # with temperature and top-p only.
