@@ -3,6 +3,7 @@ top-p semantics, and a seeded sampler of the right distribution that leaves the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -249,8 +250,7 @@ def test_a_decode_step_and_sampling_never_read_the_device(trained):
 @pytest.mark.parametrize("impl", ["sdpa", SELFMOE_SDPA])
 def test_cuda_graph_decode_equals_eager_decode(trained, impl):
     model, tok = trained
-    model = type(model)(model.config).cuda().eval()
-    model.load_state_dict(trained[0].state_dict())
+    model = copy.deepcopy(model).cuda()
     model.set_attn_implementation(impl)
     enc = _encode(tok, PROMPTS)
     eager = _decoder(model, tok, use_graphs=False)
