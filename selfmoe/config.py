@@ -44,7 +44,7 @@ class ModelConfig:
     max_length: int = 1024
     lora_targets: list[str] = field(default_factory=lambda: list(LINEAR_TARGETS))
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str | None = None  # None: selfmoe_sdpa (sdpa without GQA K/V copies); else any HF name
 
 
 @dataclass

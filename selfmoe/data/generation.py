@@ -1,13 +1,17 @@
 """Batched text generation with a HF causal LM: left padding, stop strings, throughput.
 
-A thin layer over ``model.generate`` that returns each completion's text, whether it ended on
-its own (EOS or a stop string) or was cut by the token limit, and how many tokens it took.
-Sampling is seeded per call without touching the global RNG state. A prompt longer than
-``truncate_to`` tokens keeps its last ``truncate_to`` tokens (the end is what the model continues).
+Decoding runs :class:`selfmoe.data.decoding.StaticDecoder` (a static KV cache, each decode step replayed
+from a CUDA graph on GPUs, eager on the CPU); a model it cannot run (see
+:func:`~selfmoe.data.decoding.unsupported_reason`) falls back to ``model.generate``, saying why once.
+Each completion comes back as its text, whether it ended on its own (EOS or a stop string) or was cut by
+the token limit, and how many tokens it took. Sampling is seeded per call without touching the global RNG
+state. A prompt longer than ``truncate_to`` tokens keeps its last ``truncate_to`` tokens (the end is what
+the model continues).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +19,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfmoe.data.decoding import StaticDecoder, unsupported_reason
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,21 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.throughput = Throughput()
+        self._decoder: StaticDecoder | None = None
+        self._fallback: str | None = None  # why model.generate is used instead, once decided
+
+    def decoder(self) -> StaticDecoder | None:
+        """The static-cache decoder, or None when the model needs ``model.generate`` (decided once)."""
+        if self._decoder is None and self._fallback is None:
+            self._fallback = unsupported_reason(self.model)
+            if self._fallback is not None:
+                log.warning("generating with model.generate: the static-cache decoder cannot run %s", self._fallback)
+            else:
+                tok = self.tokenizer
+                self._decoder = StaticDecoder(
+                    self.model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tokenizer=tok
+                )
+        return self._decoder
 
     @property
     def device(self) -> torch.device:
@@ -78,8 +101,31 @@ class TextGenerator:
         truncate_to: int | None = None,
     ) -> list[Completion]:
         """One batch: every prompt is decoded together with the others, left-padded."""
-        tok = self.tokenizer
         enc = self._encode(prompts, truncate_to)
+        options = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed}
+        start = time.perf_counter()
+        decoder = self.decoder()
+        if decoder is not None:
+            new = decoder.generate(
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                stop_strings=stop_strings,
+                **options,
+            )
+        else:
+            out = self._hf_generate(enc, max_new_tokens=max_new_tokens, stop_strings=stop_strings, **options)
+            new = out[:, enc["input_ids"].shape[1] :]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        results = [self._completion(ids, max_new_tokens, stop_strings) for ids in new.tolist()]
+        self.throughput.tokens += sum(c.num_tokens for c in results)
+        self.throughput.seconds += elapsed
+        return results
+
+    def _hf_generate(self, enc, *, max_new_tokens, do_sample, temperature, top_p, seed, stop_strings) -> torch.Tensor:
+        tok = self.tokenizer
         # top_k=0 switches off the top-50 default of many generation configs: PAPER §1.1 samples
         # with temperature and top-p only.
         sampling = (
@@ -89,10 +135,9 @@ class TextGenerator:
         )
         stops = {"stop_strings": list(stop_strings), "tokenizer": tok} if stop_strings else {}
         devices = [self.device] if self.device.type == "cuda" else []
-        start = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = self.model.generate(
+            return self.model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tok.pad_token_id,
@@ -100,14 +145,6 @@ class TextGenerator:
                 **sampling,
                 **stops,
             )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        new = out[:, enc["input_ids"].shape[1] :].tolist()
-        results = [self._completion(ids, max_new_tokens, stop_strings) for ids in new]
-        self.throughput.tokens += sum(c.num_tokens for c in results)
-        self.throughput.seconds += elapsed
-        return results
 
     def _encode(self, prompts: Sequence[str], truncate_to: int | None):
         tok = self.tokenizer

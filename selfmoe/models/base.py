@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from selfmoe.artifacts import Layout, atomic_dir, atomic_write_json, read_manifest, sha256_text, versions
 from selfmoe.config import Config, ModelConfig, fingerprint
 from selfmoe.errors import OfflineError, SelfMoEError
+from selfmoe.models.attention import NAME as SELFMOE_SDPA
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,10 @@ def load_base(cfg: Config, *, device: str | torch.device = "cpu") -> tuple[PreTr
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
     # Never unpickle weights (a pickle can run code): hub models and local dirs alike must have safetensors.
-    kwargs = {"dtype": DTYPES[cfg.model.dtype], "use_safetensors": True}
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    # selfmoe_sdpa is transformers' sdpa without repeat_kv's copy of the KV cache (GQA decode reads it
+    # 4x otherwise); a configured implementation still wins.
+    attn = cfg.model.attn_implementation or SELFMOE_SDPA
+    kwargs = {"dtype": DTYPES[cfg.model.dtype], "use_safetensors": True, "attn_implementation": attn}
     model = _from_pretrained(AutoModelForCausalLM, path, cfg.model, **kwargs)
     model.requires_grad_(False)
     model.eval()

@@ -1,0 +1,266 @@
+"""StaticDecoder against transformers' ``generate``: same greedy tokens, same stop-string cuts, HF's
+top-p semantics, and a seeded sampler of the right distribution that leaves the global RNG alone."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import SMALL_TINY, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from selfmoe.data.decoding import StaticDecoder, top_p_filter, unsupported_reason
+from selfmoe.data.generation import TextGenerator
+from selfmoe.models.attention import NAME as SELFMOE_SDPA
+from selfmoe.models.tiny import make_tiny
+
+CORPUS = [
+    "Task 1:\nAdd two and three.\n\nTask 2:\nAdd four and five.\n\nTask 3:\nAdd six and seven.\n\n",
+    "### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4.\n\n"
+    "### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6.",
+    "the cat sat on the mat. the dog sat on the log. the cow ate the grass.",
+] * 4
+# Different lengths; the last ends right where the tiny model has learnt to emit EOS.
+PROMPTS = [
+    "the cat",
+    "### Instruction:\nWhat is 2 + 2?\n\n### Response:\n",
+    "Task 1:\nAdd two",
+    "### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6.",
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, tok, _ = make_tiny(CORPUS, replace(SMALL_TINY, pretrain_steps=150, pretrain_batch_size=8))
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA
+    return model.eval(), tok
+
+
+def _encode(tok, prompts):
+    tok.padding_side = "left"
+    return tok(prompts, return_tensors="pt", padding=True)
+
+
+def _hf(model, tok, enc, max_new_tokens, **kwargs):
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kwargs,
+        )
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+def _decoder(model, tok, **kwargs):
+    return StaticDecoder(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tokenizer=tok, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", SELFMOE_SDPA, "eager"])
+@pytest.mark.parametrize("check_every", [1, 16])
+def test_greedy_tokens_equal_generate(trained, impl, check_every):
+    model, tok = trained
+    model.set_attn_implementation(impl)
+    enc = _encode(tok, PROMPTS)
+    assert len(set(enc["attention_mask"].sum(1).tolist())) == len(PROMPTS)  # all lengths differ
+    want = _hf(model, tok, enc, 14)
+    got = _decoder(model, tok, check_every=check_every).generate(
+        enc["input_ids"], enc["attention_mask"], max_new_tokens=14
+    )
+    assert torch.equal(got, want)
+    rows = want.tolist()
+    assert rows[3].index(tok.eos_token_id) < 3 and rows[3][-1] == tok.pad_token_id  # ended early, then pad
+    assert tok.eos_token_id not in rows[0] and want.shape[1] == 14  # ran to the limit
+
+
+def test_all_rows_ending_early_stop_the_call_at_the_last_end(trained):
+    model, tok = trained
+    enc = _encode(
+        tok, [PROMPTS[3], PROMPTS[3] + "\n\n### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6."]
+    )
+    want = _hf(model, tok, enc, 40)
+    assert want.shape[1] < 40  # every row emitted EOS
+    for every in (1, 4, 64):
+        got = _decoder(model, tok, check_every=every).generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=40
+        )
+        assert torch.equal(got, want)
+
+
+def test_stop_strings_cut_where_generate_cuts(trained):
+    model, tok = trained
+    enc = _encode(tok, PROMPTS)
+    greedy = _hf(model, tok, enc, 14).tolist()
+    within = tok.decode(greedy[0][2:4])  # inside the first completion
+    spanning = PROMPTS[1][-2:] + tok.decode(greedy[1][:1])[:1]  # starts in the prompt, ends in the completion
+    stops_seen = 0
+    for stops in ([within], [spanning], [within, spanning], ["no such text"]):
+        want = _hf(model, tok, enc, 14, stop_strings=stops, tokenizer=tok)
+        for every in (1, 5, 16):
+            got = _decoder(model, tok, check_every=every).generate(
+                enc["input_ids"], enc["attention_mask"], max_new_tokens=14, stop_strings=stops
+            )
+            assert torch.equal(got, want), (stops, every)
+        stops_seen += int((want == tok.pad_token_id).any())
+    assert stops_seen >= 3  # the first three did cut a row
+
+
+def test_top_p_filter_equals_transformers_warpers():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen) * 3
+    logits[0, :10] = 2.0  # ties across the nucleus boundary
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    for temperature in (1.0, 0.7):
+        for top_p in (0.05, 0.5, 0.9, 0.98, 0.999):
+            want = TopPLogitsWarper(top_p)(ids, TemperatureLogitsWarper(temperature)(ids, logits.clone()))
+            got = top_p_filter(logits / temperature, top_p)
+            assert torch.equal(got, want)
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(trained):
+    model, tok = trained
+    enc = _encode(tok, PROMPTS)
+    dec = _decoder(model, tok)
+    state = torch.random.get_rng_state()
+
+    def sample(seed):
+        return dec.generate(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=12, do_sample=True, top_p=0.98, seed=seed
+        )
+
+    first = sample(3)
+    assert torch.equal(first, sample(3))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert any(not torch.equal(first, sample(s)) for s in (4, 5))
+
+
+def test_first_sampled_token_follows_the_softmax():
+    """Chi-square of 4,000 first tokens (deterministic seeds) against the model's tempered probabilities."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        eos_token_id=7,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a spread-out distribution, not a near-uniform one
+    prompt = torch.tensor([[3, 5, 2]])
+    temperature = 0.8
+    with torch.no_grad():
+        probs = (model(prompt).logits[0, -1] / temperature).softmax(-1)
+    assert probs.max() > 0.3 and (probs > 0.02).sum() >= 4
+    dec = StaticDecoder(model, pad_token_id=0, eos_token_id=7)
+    batch = 500
+    counts = torch.zeros(8)
+    for seed in range(8):
+        first = dec.generate(
+            prompt.expand(batch, -1),
+            torch.ones(batch, 3, dtype=torch.long),
+            max_new_tokens=1,
+            do_sample=True,
+            temperature=temperature,
+            seed=seed,
+        )
+        counts += torch.bincount(first[:, 0], minlength=8)
+    expected = probs * counts.sum()
+    chi2 = float(((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum())
+    assert chi2 < 24.3  # the 0.999 quantile of chi-square with 7 degrees of freedom
+
+
+def test_calls_with_the_same_bucket_reuse_the_cache(trained):
+    model, tok = trained
+    dec = _decoder(model, tok, max_cached=1)
+    enc = _encode(tok, PROMPTS[:2])
+    dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=5)
+    ((key, slot),) = dec._slots.items()
+    shorter = _encode(tok, PROMPTS[:1] * 2)  # other prompt and limit, the same 64-slot bucket
+    out = dec.generate(shorter["input_ids"], shorter["attention_mask"], max_new_tokens=9)
+    assert list(dec._slots) == [key] and dec._slots[key].cache is slot.cache
+    assert torch.equal(out, _hf(model, tok, shorter, 9))  # the reused cache left nothing behind
+    dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=70)  # a longer bucket replaces it
+    assert list(dec._slots) == [(2, 128)]
+
+
+def test_text_generator_falls_back_for_sliding_window_models(caplog):
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = MistralForCausalLM(config).eval()
+    assert "full attention" in unsupported_reason(model)
+    assert unsupported_reason(tiny_llama()) is None
+    gen = TextGenerator(model, tokenizer=None)
+    with caplog.at_level("WARNING"):
+        assert gen.decoder() is None
+    assert "model.generate" in caplog.text
+
+
+def test_a_decode_step_and_sampling_never_read_the_device(trained):
+    """What a CUDA graph needs and per-step speed wants, checked on the CPU: between the host's looks, no op
+    reads a value back (``.item()``, ``bool(t)``, ``torch.equal``, ``nonzero``: what would sync on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero"):
+                self.seen.append(name)
+            return func(*args, **kwargs)
+
+    model, tok = trained
+    for impl in ("sdpa", SELFMOE_SDPA):
+        model.set_attn_implementation(impl)
+        dec = _decoder(model, tok)
+        enc = _encode(tok, PROMPTS)
+        dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=3)
+        (slot,) = dec._slots.values()
+        rng = torch.Generator().manual_seed(0)
+        with Reads() as reads, torch.inference_mode():
+            logits = dec._step(slot)
+            dec._pick(logits, True, 0.7, 0.9, rng)
+            dec._pick(logits, False, 1.0, 1.0, None)
+        assert reads.seen == [], (impl, reads.seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["sdpa", SELFMOE_SDPA])
+def test_cuda_graph_decode_equals_eager_decode(trained, impl):
+    model, tok = trained
+    model = copy.deepcopy(model).cuda()
+    model.set_attn_implementation(impl)
+    enc = _encode(tok, PROMPTS)
+    eager = _decoder(model, tok, use_graphs=False)
+    graphed = _decoder(model, tok)
+    for max_new in (14, 30):  # the second call replays the graph captured by the first
+        want = eager.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
+        got = graphed.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
+        assert torch.equal(got, want)
+        assert torch.equal(got, _hf(model, tok, {k: v.cuda() for k, v in enc.items()}, max_new).cpu())
+    assert all(slot.graph is not None for slot in graphed._slots.values())
+    sampled = [graphed.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=20, do_sample=True, seed=1)]
+    sampled.append(eager.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=20, do_sample=True, seed=1))
+    assert torch.equal(*sampled)
