@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from selfmoe.models.attention import NAME as SELFMOE_SDPA
 from selfmoe.models.mixse import Expert
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,13 +92,19 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_model(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
-    """A causal LM of ``shape`` with random weights (the model's own init), in eval mode, on ``device``."""
+def build_model(
+    shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0, attn: str = SELFMOE_SDPA
+) -> PreTrainedModel:
+    """A causal LM of ``shape`` with random weights (the model's own init), in eval mode, on ``device``.
+
+    The attention is the project's (``load_base`` selects ``selfmoe_sdpa``), so every benchmark
+    times the model the phases run.
+    """
     spec = dict(SHAPES[shape])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds for 8B on a GPU instead of minutes on the host
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval().requires_grad_(False)
 
 
