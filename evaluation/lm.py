@@ -11,8 +11,8 @@ a model object that :mod:`evaluation.targets` builds from config. Three ways to 
   --tasks gsm8k_cot``. ``overrides`` takes space-separated config ``key=value`` pairs
   (``--model_args "target=mixse,overrides=output_dir=runs/a router.name=mixse-top2"``).
 
-On a GPU, loglikelihood scoring forwards are replayed from CUDA graphs (``eval.cuda_graphs``,
-:mod:`selfmoe.models.graphed`); generation stays lm-eval's own.
+With ``eval.cuda_graphs`` on a GPU, loglikelihood scoring forwards are replayed from CUDA graphs
+(:mod:`selfmoe.models.graphed`); generation stays lm-eval's own.
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ class EvalConfig:
     include_paths: list[str] = field(default_factory=list)  # extra lm-eval task dirs (local mirrors)
     routing_docs: int = 32  # docs per task in MiXSE's routing pass (0: off)
     log_samples: bool = True
-    cuda_graphs: bool = True  # on a GPU: loglikelihood scoring replays CUDA graphs (selfmoe/models/graphed.py)
+    cuda_graphs: bool = False  # on a GPU: loglikelihood scoring replays CUDA graphs (selfmoe/models/graphed.py)
 
 
 @dataclass

@@ -403,6 +403,6 @@ def test_adding_a_domain_is_adding_a_file(config_copy):
     assert load_config("generate", ["domain=all"]).domain_names == sorted([*DOMAINS, "physics"])
 
 
-def test_cuda_graphs_is_on_by_default_and_can_be_switched_off():
-    assert load_config("eval", []).eval.cuda_graphs is True
-    assert load_config("eval", ["eval.cuda_graphs=false"]).eval.cuda_graphs is False
+def test_cuda_graphs_is_off_by_default_and_can_be_switched_on():
+    assert load_config("eval", []).eval.cuda_graphs is False
+    assert load_config("eval", ["eval.cuda_graphs=true"]).eval.cuda_graphs is True

@@ -120,7 +120,7 @@ def test_scoring_goes_through_the_graph_runner_only_when_switched_on(eval_output
         return made[-1]
 
     monkeypatch.setattr(evaluation.lm, "scoring_runner", runner)
-    on = SelfMoELM(target="mixse", cfg=eval_config(eval_outputs), batch_size=2)
+    on = SelfMoELM(target="mixse", cfg=eval_config(eval_outputs, "eval.cuda_graphs=true"), batch_size=2)
     off = SelfMoELM(target="mixse", cfg=eval_config(eval_outputs, "eval.cuda_graphs=false"), batch_size=2)
     assert on.scorer is made[0] and off.scorer is None and len(made) == 1
     assert on.scorer.buckets.batch_size == 2
