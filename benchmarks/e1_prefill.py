@@ -77,8 +77,7 @@ def run(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens_per_forward": tokens, "batch": s.prefill_batch, "seq_len": s.prefill_len}
     numerics: dict[str, Any] = {}
     default = GatedLoraLinear.add_into
-    with torch.set_grad_enabled(False):  # the epilogue "auto" picks without autograd
-        other = "expand" if GatedLoraLinear.epilogue() == "base" else "base"
+    other = "expand" if default == "base" else "base"
 
     mixse = make_mixse(ctx.model, ctx.experts, settings)
     variants = {

@@ -59,8 +59,7 @@ def run(ctx: Context) -> dict[str, Any]:
     settings = RouterSettings(top_k=s.top_k)
     trainable_counts: dict[str, int] = {}
     default = GatedLoraLinear.add_into
-    with torch.set_grad_enabled(True):  # the epilogue "auto" picks under autograd
-        other = "expand" if GatedLoraLinear.epilogue() == "base" else "base"
+    other = "expand" if default == "base" else "base"
 
     mixse = make_mixse(ctx.model, ctx.experts, settings)
     assert [n for n, p in mixse.named_parameters() if p.requires_grad] == ["mixse.router.weight"]

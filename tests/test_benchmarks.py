@@ -88,25 +88,6 @@ def test_fast_path_equals_reference_path_in_float32(base, experts, ids, settings
     assert not torch.allclose(fast, logits(base, ids), atol=1e-3)  # the experts act
 
 
-def test_auto_epilogue_is_base_under_autograd_and_expand_without(base, experts, ids, monkeypatch):
-    """``add_into="auto"`` gives bitwise the result of the epilogue it picks in each grad mode."""
-    model = make_mixse(base, experts, RouterSettings(top_k=2))
-    out = {}
-    for add_into in ("auto", "base", "expand"):
-        monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
-        with torch.no_grad():
-            out[add_into, "no_grad"] = model(input_ids=ids).logits
-        out[add_into, "grad"] = model(input_ids=ids).logits.detach()
-    assert torch.equal(out["auto", "no_grad"], out["expand", "no_grad"])
-    assert torch.equal(out["auto", "grad"], out["base", "grad"])
-    monkeypatch.setattr(GatedLoraLinear, "add_into", "auto")
-    with torch.no_grad():
-        assert GatedLoraLinear.epilogue() == "expand"
-    assert GatedLoraLinear.epilogue() == "base"
-    monkeypatch.setattr(GatedLoraLinear, "add_into", "expand")
-    assert GatedLoraLinear.epilogue() == "expand"  # an explicit choice holds in every mode
-
-
 def test_fast_path_in_bfloat16_is_as_accurate_as_the_reference_path(experts, ids):
     ref32 = make_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
     low = make_mixse(build_model("tiny", "cpu", torch.bfloat16), experts, RouterSettings(top_k=None))

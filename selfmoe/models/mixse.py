@@ -214,23 +214,14 @@ class GatedLoraLinear(nn.Module):
 
     ``forward`` takes the fast path (DESIGN §4, measured in docs/performance.md): column gates
     once per layer, one shrink GEMM per group of siblings sharing the input, and no separate
-    add. Which GEMM's epilogue adds the two terms is ``add_into``: with ``"base"`` the frozen
-    base GEMM accumulates onto the expand's output (``out = h_g B^T; out += x W0^T``, beta=1);
-    with ``"expand"`` the expand GEMM accumulates onto the base output (``y = x W0^T; y +=
-    h_g B^T``), which is bitwise the reference path's sum. ``"auto"`` (default) takes "base"
-    under autograd and "expand" without, the faster of the two in each (router training E2:
-    0.912 against 0.859; scoring E1: 0.903 against 0.896, docs/performance.md). Either equals
-    ``reference_forward`` up to floating-point rounding (tested).
+    add: with ``add_into = "base"`` (default, faster on both measured shapes) the frozen base
+    GEMM accumulates onto the expand's output in its epilogue (``out = h_g B^T; out += x W0^T``,
+    beta=1); with ``"expand"`` the expand GEMM accumulates onto the base output instead
+    (``y = x W0^T; y += h_g B^T``). It equals ``reference_forward`` up to floating-point
+    rounding (tested).
     """
 
-    add_into = "auto"  # class-wide: "auto" | "base" | "expand"
-
-    @classmethod
-    def epilogue(cls) -> str:
-        """The epilogue a forward now takes ("base" or "expand"), ``add_into`` resolved."""
-        if cls.add_into != "auto":
-            return cls.add_into
-        return "base" if torch.is_grad_enabled() else "expand"
+    add_into = "base"  # class-wide: which GEMM's epilogue adds the two terms ("base" | "expand")
 
     def __init__(
         self,
@@ -291,7 +282,7 @@ class GatedLoraLinear(nn.Module):
         if not _same_dtype(x, w0, self.lora_B, h):
             return self.base(x) + F.linear(h, self.lora_B)  # mixed precision: let autocast cast
         h2 = h.reshape(-1, h.shape[-1])  # (B*T, R)
-        if self.epilogue() == "base":
+        if self.add_into == "base":
             x2 = x.reshape(-1, x.shape[-1])  # (B*T, d_in)
             out = torch.mm(h2, self.lora_B.t()) if bias is None else torch.addmm(bias, h2, self.lora_B.t())
             out.addmm_(x2, w0.t())  # the base GEMM adds onto the expert delta in its epilogue (beta=1)
