@@ -77,6 +77,13 @@ def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
 
 # Shared by the integration tests: the default tiny model and a small self-generated math set,
 # built once per session (the tiny model's pretraining dominates: about a minute on one core).
+# A tiny model pretrained on this learns the seed formats, EOS included: generation tests use it.
+GENERATION_CORPUS = [
+    "Task 1:\nAdd two and three.\n\nTask 2:\nAdd four and five.\n\nTask 3:\nAdd six and seven.\n\n",
+    "### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4.\n\n"
+    "### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6.",
+    "the cat sat on the mat. the dog sat on the log. the cow ate the grass.",
+] * 4
 TEST_OVERRIDES = ["data.num_examples=24", "trainer.progress_bar=false"]
 
 

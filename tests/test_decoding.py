@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import GENERATION_CORPUS as CORPUS
 from conftest import SMALL_TINY, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -17,12 +18,6 @@ from selfmoe.data.generation import TextGenerator
 from selfmoe.models.attention import NAME as SELFMOE_SDPA
 from selfmoe.models.tiny import make_tiny
 
-CORPUS = [
-    "Task 1:\nAdd two and three.\n\nTask 2:\nAdd four and five.\n\nTask 3:\nAdd six and seven.\n\n",
-    "### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4.\n\n"
-    "### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6.",
-    "the cat sat on the mat. the dog sat on the log. the cow ate the grass.",
-] * 4
 # Different lengths; the last ends right where the tiny model has learnt to emit EOS.
 PROMPTS = [
     "the cat",

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import GENERATION_CORPUS as CORPUS
 from conftest import SMALL_TINY
 
 from selfmoe.config import BrainstormConfig, ChecksConfig, DataConfig, DomainConfig
@@ -353,12 +354,6 @@ def test_split_is_seeded():
 
 # --- the real TextGenerator on a tiny model -------------------------------------------------
 
-CORPUS = [
-    "Task 1:\nAdd two and three.\n\nTask 2:\nAdd four and five.\n\nTask 3:\nAdd six and seven.\n\n",
-    "### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4.\n\n"
-    "### Instruction:\nWhat is 3 + 3?\n\n### Response:\nThe answer is 6.",
-    "the cat sat on the mat. the dog sat on the log. the cow ate the grass.",
-] * 4
 PROMPTS = ["the cat", "### Instruction:\nWhat is 2 + 2?\n\n### Response:\n"]  # different lengths
 
 
