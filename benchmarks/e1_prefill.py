@@ -4,10 +4,10 @@ A forward over ``prefill_batch x prefill_len`` tokens with full logits (what lm-
 does). Target: MiXSE (N=4, r=8, top-1, layer router) ≥ 0.90 of the base.
 
 On a GPU, the base, MiXSE and the single LoRA are also timed as CUDA-graph replays
-(``<name>/graph``, through :class:`selfmoe.models.graphed.GraphedLM`, as ``make eval`` scores),
-round-robin with the eager variants. The headline ``e1_ratio`` gives MiXSE ÷ base for both
-modes. The graphed ratio is what evaluation gets, and the eager one shows the host's launch
-overhead on top of it.
+(``<name>/graph``, through :class:`selfmoe.models.graphed.GraphedLM`, as ``make eval`` scores
+with ``eval.cuda_graphs=true``), round-robin with the eager variants. ``e1_ratio`` gives MiXSE
+÷ base for both modes; the eager one is the headline, since evaluation scores eagerly by default
+(replay measured slower on the H200 hosts, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -212,8 +212,8 @@ def show(result: dict[str, Any]) -> None:
     headline = result.get("e1_ratio", {})
     graph = headline.get("graph")
     console.print(
-        f"E1 MiXSE ÷ base: graphed {'—' if graph is None else f'{graph:.3f}'}"
-        f" (the headline), eager {headline.get('eager', float('nan')):.3f}"
+        f"E1 MiXSE ÷ base: eager {headline.get('eager', float('nan')):.3f} (the headline),"
+        f" graphed {'—' if graph is None else f'{graph:.3f}'}"
     )
     if "graphs" in result:
         console.print(f"note: {result['graphs']}")
