@@ -144,6 +144,13 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(t)
 
 
+def timing_table(title: str, result: dict[str, Any], ratio_column: str) -> None:
+    """The variants of a round-robin result: median ms, tokens/s and the ratio to the reference."""
+    tokens_per_s, ratios = result["tokens_per_s"], result["ratio_vs_base"]
+    rows = [[k, t.median_ms, tokens_per_s[k], ratios[k]] for k, t in result["timings"].items()]
+    table(title, ["variant", "median ms", "tokens/s", ratio_column], rows)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """Command-line options shared by every benchmark entry point."""
     p = argparse.ArgumentParser(description=description)

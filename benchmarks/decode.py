@@ -14,6 +14,7 @@ from torch import nn
 from transformers import StaticCache
 
 from benchmarks.timing import Timing, time_fn
+from selfmoe.models.graphed import capture_graph
 
 
 def text_config(model: nn.Module):
@@ -74,17 +75,8 @@ class DecodeRunner:
         self.pos.add_(1)
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up lazily created kernels and handles off the capture
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.reset()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        self.reset()
+        self.graph, _ = capture_graph(self._step, device=self.device, warmup=2)
+        self.reset()  # the warm-up steps advanced the cache and the tokens
 
     @torch.no_grad()
     def step(self) -> None:

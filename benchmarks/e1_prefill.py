@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, cli_main, console, free_memory, guarded, table
+from benchmarks.common import Context, cli_main, console, free_memory, guarded, table, timing_table
 from benchmarks.shapes import random_experts, slice_experts
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
@@ -205,10 +205,7 @@ def sweep(ctx: Context, ids: torch.Tensor) -> list[dict[str, Any]]:
 def show(result: dict[str, Any]) -> None:
     if "timings" not in result:
         return
-    rows = [
-        [k, t.median_ms, result["tokens_per_s"][k], result["ratio_vs_base"][k]] for k, t in result["timings"].items()
-    ]
-    table("E1 prefill (scoring)", ["variant", "median ms", "tokens/s", "÷ eager base"], rows)
+    timing_table("E1 prefill (scoring)", result, "÷ eager base")
     headline = result.get("e1_ratio", {})
     graph = headline.get("graph")
     console.print(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Context, cli_main, free_memory, guarded, table
+from benchmarks.common import Context, cli_main, free_memory, guarded, timing_table
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import make_loop, make_lora, make_mixse, make_xlora, trainable
 from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
@@ -110,10 +110,7 @@ def run(ctx: Context) -> dict[str, Any]:
 def show(result: dict[str, Any]) -> None:
     if "timings" not in result:
         return
-    rows = [
-        [k, t.median_ms, result["tokens_per_s"][k], result["ratio_vs_base"][k]] for k, t in result["timings"].items()
-    ]
-    table("E2 router training step", ["variant", "median ms", "tokens/s", "÷ frozen base fwd+bwd"], rows)
+    timing_table("E2 router training step", result, "÷ frozen base fwd+bwd")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from selfmoe.models.attention import NAME as SELFMOE_SDPA
+from selfmoe.models.graphed import capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +230,9 @@ class StaticDecoder:
 
     def _capture(self, slot: _Slot) -> None:
         """Record one decode step; the warm-up runs also allocate the cache (which the call then resets)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._forward(slot.ids, slot.pos, slot.mask, slot.cache)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            slot.logits = self._forward(slot.ids, slot.pos, slot.mask, slot.cache)
-        slot.graph = graph
+        slot.graph, slot.logits = capture_graph(
+            lambda: self._forward(slot.ids, slot.pos, slot.mask, slot.cache), device=self.device, warmup=3
+        )
 
     # --- sampling -----------------------------------------------------------------------------
 

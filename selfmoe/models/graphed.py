@@ -33,6 +33,7 @@ captured kernels recompute them on every replay.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,25 @@ def pad_into(out: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     out[:b, length:].fill_(pad_id)
     out[b:].fill_(pad_id)
     return out
+
+
+def capture_graph(fn: Callable[[], Any], *, device: torch.device, warmup: int, pool: Any = None) -> tuple[Any, Any]:
+    """``(graph, output)``: ``fn`` run ``warmup`` times on a side stream, then one call captured.
+
+    The warm-up makes lazily created kernels, cuBLAS handles and workspaces outside the capture.
+    ``output`` is what the captured call returned: its tensors are the graph's static outputs,
+    overwritten by every replay.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -213,17 +233,7 @@ class GraphedLM:
         ids = torch.full((batch, length), self.pad_id, dtype=torch.long, device=device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # Warm up on a side stream so that lazily created kernels, cuBLAS handles and
-        # workspaces are made outside the capture.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.forward(ids)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.forward(ids)
+        graph, logits = capture_graph(lambda: self.forward(ids), device=device, warmup=self.warmup, pool=self._pool)
         return CapturedForward(ids=ids, logits=logits, graph=graph)
 
     @property
@@ -237,4 +247,13 @@ class GraphedLM:
         self._weights = None
 
 
-__all__ = ["Buckets", "CapturedForward", "GraphedLM", "max_positions", "next_power_of_two", "pad_into", "round_up"]
+__all__ = [
+    "Buckets",
+    "CapturedForward",
+    "GraphedLM",
+    "capture_graph",
+    "max_positions",
+    "next_power_of_two",
+    "pad_into",
+    "round_up",
+]
