@@ -143,6 +143,10 @@ class DataConfig:
     rouge_threshold: float = 0.7
     val_fraction: float = 0.05
     on_bad_line: str = "error"  # error | skip (broken lines in seed/data jsonl)
+    # On a GPU, the decode step is compiled with torch.compile before its CUDA graph is captured
+    # (fused norms, rotary and activations; docs/performance.md E5). It costs a compile per new
+    # batch or cache shape (about a minute for an 8B model), so it pays off over long runs.
+    compile: bool = True
 
 
 @dataclass
@@ -175,6 +179,9 @@ class TrainConfig(OptimConfig):
     # LoRA's scale-and-add inside the expand GEMM (selfmoe/models/lora_train.py): the same
     # function as PEFT's forward with fewer passes over the output; false: PEFT's own forward.
     fused_lora: bool = True
+    # On a GPU, every decoder layer is compiled with torch.compile (regional compilation: one
+    # compile shared by all layers); docs/performance.md E3. Same function up to rounding.
+    compile: bool = True
 
 
 DEFAULT_EXPERTS = ["knowledge", "reasoning", "math", "coding"]  # the paper's order (expert-count sweep)

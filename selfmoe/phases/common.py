@@ -38,8 +38,9 @@ def device_for(cfg: Config) -> torch.device:
 # Settings of a training section that change how a run goes, not what it makes: changing them
 # neither invalidates a finished artifact nor discards an interrupted run's checkpoints.
 # fused_lora computes the same function with the same dropout masks (equal in float32; in bf16
-# it rounds once where PEFT rounds twice), so an expert made either way stays valid.
-RUNTIME_ONLY = ("checkpoint_every_n_steps", "num_workers", "fused_lora")
+# it rounds once where PEFT rounds twice), so an expert made either way stays valid; compile
+# (torch.compile on a GPU) computes the same function up to rounding.
+RUNTIME_ONLY = ("checkpoint_every_n_steps", "num_workers", "fused_lora", "compile")
 
 
 def artifact_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
