@@ -128,6 +128,23 @@ def test_in_place_expert_updates_and_moves_reach_the_fast_path(experts, ids):
     assert q.group.stacked.dtype == torch.float64
 
 
+def test_mixse_compiles_to_one_graph_that_equals_eager(experts, ids):
+    """torch.compile sees the whole MiXSE forward (router hooks, column gates, shared shrinks) as one
+    graph; after a dtype move the shrink group's stack is stale, and the traced path must not use it."""
+    model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=2))
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager, **FP32)
+        model.to(torch.float64)  # the compiled code retraces on the new dtype; the stack is still float32
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.group.stacked.dtype == torch.float32
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager.double(), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_fast_path_gradients_equal_reference_for_router_and_joint_experts(base, experts, ids):
     grads = {}
     for fast in (True, False):

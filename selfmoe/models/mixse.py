@@ -186,8 +186,14 @@ class ShrinkGroup:
             m.lora_A.data = stacked[i * self.rank : (i + 1) * self.rank]
         return stacked
 
-    def _current(self) -> torch.Tensor:
+    def _current(self) -> torch.Tensor | None:
+        """The stacked matrix, re-stacked if the parameters stopped being its views; None: use them one by one."""
         a = self.stacked
+        if torch.compiler.is_compiling():
+            # Storage addresses cannot be traced. Dynamo guards on the parameters' device and dtype,
+            # so a move retraces and lands here; the stack is rebuilt eagerly on the next eager call.
+            same = all(m.lora_A.device == a.device and m.lora_A.dtype == a.dtype for m in self.members)
+            return a if same else None
         step = self.rank * a.stride(0) * a.element_size()
         for i, m in enumerate(self.members):
             p = m.lora_A
@@ -199,7 +205,10 @@ class ShrinkGroup:
     def gated_shrink(self, x: torch.Tensor, g: torch.Tensor, member: int) -> torch.Tensor:
         """``member``'s slice (..., R) of ``(x A_all^T) * G``; computed once per (x, G) for the group."""
         if x is not self._x or g is not self._g:
-            h = gated_shrink(x, self._current(), g, len(self.members))  # (..., M*R)
+            stacked = self._current()
+            if stacked is None:
+                return gated_shrink(x, self.members[member].lora_A, g, 1)
+            h = gated_shrink(x, stacked, g, len(self.members))  # (..., M*R)
             # Strong references: identity checks can never match a recycled object.
             self._x, self._g, self._h, self._left = x, g, h, len(self.members)
         h = self._h
