@@ -44,6 +44,9 @@ class Settings:
     expert_len: int = 1024
     decode_batches: tuple[int, ...] = (1, 8, 32, 128)
     decode_context: int = 1024
+    # E4 also times base and MiXSE compiled (torch.compile, then the CUDA graph): about 1.5 min of
+    # compilation per model and batch on an 8B model, hence opt-in.
+    decode_compile: bool = False
     decode_iters: int = MIN_ITERS
     xlora_decode_batches: tuple[int, ...] = (1, 8)  # no KV cache: a step is a full forward of the context
     numerics_len: int = 256
@@ -159,6 +162,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=MIN_ITERS)
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (a smoke test, not numbers)")
+    p.add_argument("--decode-batches", default=None, help="E4 batch sizes, e.g. 1,8,32,128")
+    p.add_argument("--decode-compile", action="store_true", help="E4: also time compiled decode steps (slow to build)")
     return p
 
 
@@ -167,11 +172,18 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
     s = Settings(device=device, iters=args.iters, **overrides)
     if args.quick:
         s = quick(s)
+    apply_decode_args(s, args)
     if args.shape:
         s.shape = args.shape
     if device == "cpu" and s.dtype == "bfloat16" and not args.quick:
         s.dtype = "float32"
     return s
+
+
+def apply_decode_args(s: Settings, args: argparse.Namespace) -> None:
+    if args.decode_batches:
+        s.decode_batches = tuple(int(b) for b in args.decode_batches.split(","))
+    s.decode_compile = args.decode_compile
 
 
 def quick(s: Settings) -> Settings:

@@ -4,7 +4,8 @@ Every sequence holds ``decode_context`` cached tokens; a step is timed as a CUDA
 (static cache, the way a serving loop runs it) and eagerly. The per-expert loop cannot be
 captured (host syncs, data-dependent shapes), so it runs eagerly; X-LoRA cannot cache, so its
 step is a full forward over the context (measured at small batches only). The bandwidth roofline
-of each batch is shown beside the base.
+of each batch is shown beside the base. With ``--decode-compile`` the base and MiXSE are also
+timed compiled (``torch.compile``, then captured into the graph), as the data phase decodes.
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
 
         kinds = [("graph", True)] if graphs else []
         kinds.append(("eager", False))
+        if s.decode_compile:
+            kinds.append(("compiled", graphs))
         for kind, graph in kinds:
             for name in ("base", "mixse", "mixse-ref", "lora"):
-                if not graph and name in ("mixse-ref", "lora"):
-                    continue  # eager rows: the base and MiXSE only (device time)
+                if kind != "graph" and name in ("mixse-ref", "lora"):
+                    continue  # eager and compiled rows: the base and MiXSE only (device time)
                 model = models.get("mixse" if name == "mixse-ref" else name)
                 if model is None:
                     continue
+                if kind == "compiled":
+                    # What StaticDecoder does with data.compile: the compiled step, then its graph.
+                    model = torch.compile(model, dynamic=False)
                 row_name = f"{name}/{kind}"
                 err = guarded(row_name, lambda m=model, n=row_name, g=graph, f=name != "mixse-ref": measure(n, m, g, f))
                 if err:
@@ -81,7 +87,7 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
         row["tokens_per_s"] = tps = {k: t.per_second(batch) for k, t in timings.items()}
         # MiXSE and the PEFT LoRA are compared with the base in the same mode; the loop (eager
         # only) and X-LoRA (no cache) with both modes of the base.
-        for kind in ("graph", "eager"):
+        for kind in ("graph", "eager", "compiled"):
             if f"base/{kind}" in tps:
                 row[f"ratio_vs_base_{kind}"] = {k: v / tps[f"base/{kind}"] for k, v in tps.items()}
         if bytes_per_s:
@@ -130,12 +136,12 @@ def show(result: dict[str, Any]) -> None:
     rows = []
     for batch, row in result.get("batches", {}).items():
         for k, v in row.get("tokens_per_s", {}).items():
-            kind = "eager" if k.endswith("eager") else "graph"
+            kind = k.rpartition("/")[2] if k.endswith(("eager", "compiled")) else "graph"
             ratios = row.get(f"ratio_vs_base_{kind}") or row.get("ratio_vs_base_eager", {})
             rows.append([batch, k, v, ratios.get(k, float("nan"))])
         if "roofline_tokens_per_s" in row:
             rows.append([batch, "roofline", row["roofline_tokens_per_s"], float("nan")])
-    table("E4 batched decode", ["batch", "variant", "tokens/s", "÷ base (graph; eager rows: eager)"], rows)
+    table("E4 batched decode", ["batch", "variant", "tokens/s", "÷ base (graph; eager/compiled rows: same kind)"], rows)
 
 
 if __name__ == "__main__":

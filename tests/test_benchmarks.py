@@ -323,6 +323,34 @@ def test_e3_on_a_gpu_uses_the_phase_bf16_mixed_setup(tmp_path, base):
     assert len(lean_layers(model)) == len(layers) > 0 and not any(m.cast_input_dtype_enabled for m in layers)
 
 
+def test_e4_compiled_rows_decode_like_eager(tmp_path, base, experts):
+    """``--decode-compile``: base and MiXSE also run compiled; their ratio is compiled against compiled."""
+    from dataclasses import replace
+
+    from benchmarks import e4_decode
+    from benchmarks.common import Context, Settings, quick
+
+    settings = replace(quick(Settings(device="cpu")), peers=False, decode_batches=(2,), decode_compile=True)
+    result = e4_decode.run(Context(settings, base, experts, {}, tmp_path, facts=describe(base)))
+    e4_decode.show(result)
+    row = result["batches"][2]
+    tps = row["tokens_per_s"]
+    assert set(tps) == {"base/eager", "mixse/eager", "base/compiled", "mixse/compiled"}
+    assert row["ratio_vs_base_compiled"]["mixse/compiled"] == pytest.approx(tps["mixse/compiled"] / tps["base/compiled"])
+    # The compiled step computes what the eager step computes (float32): first-step logits, then tokens.
+    mixse = make_mixse(base, experts, RouterSettings())
+    eager = DecodeRunner(mixse, 2, 16, max_steps=8)
+    compiled = DecodeRunner(torch.compile(mixse, dynamic=False), 2, 16, max_steps=8, cache=eager.cache)
+    first = []
+    for runner in (eager, compiled):
+        runner.reset()
+        runner.step()
+        first.append(runner.logits.clone())
+    torch.testing.assert_close(first[1], first[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(eager.tokens(4), compiled.tokens(4))
+    torch._dynamo.reset()
+
+
 # --- on a GPU: the graphed decode -------------------------------------------------
 
 
