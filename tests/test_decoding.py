@@ -6,18 +6,21 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import GENERATION_CORPUS as CORPUS
-from conftest import SMALL_TINY, tiny_llama
+from conftest import SMALL_TINY, make_config, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from selfmoe.data.decoding import StaticDecoder, top_p_filter, unsupported_reason
 from selfmoe.data.generation import TextGenerator
+from selfmoe.data.sharded import LocalCollective
 from selfmoe.models.attention import NAME as SELFMOE_SDPA
 from selfmoe.models.tiny import make_tiny
+from selfmoe.phases import generate as generate_phase
 
 # Different lengths; the last ends right where the tiny model has learnt to emit EOS.
 PROMPTS = [
@@ -340,6 +343,35 @@ def test_going_past_the_recompile_limit_falls_back_with_a_warning(trained, monke
             got = dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
             assert torch.equal(got, plain.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new))
     assert "FailOnRecompileLimitHit" in caplog.text and not dec.compile
+
+
+def test_text_generator_passes_compile_to_its_decoder():
+    model = tiny_llama()
+    assert TextGenerator(model, SimpleNamespace(pad_token_id=0, eos_token_id=1), compile=True).decoder().compile
+    assert not TextGenerator(model, SimpleNamespace(pad_token_id=0, eos_token_id=1)).decoder().compile
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "want"), [(True, "cpu", False), (True, "cuda", True), (False, "cuda", False)]
+)
+def test_the_generate_phase_compiles_on_a_gpu_only(tmp_path, monkeypatch, setting, device, want):
+    cfg = make_config("generate", tmp_path, "domain=math", f"data.compile={str(setting).lower()}")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def text_generator(model, tokenizer, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(generate_phase, "TextGenerator", text_generator)
+    # Only the parameters' device is looked at before the generator is made: no GPU needed.
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+    job = generate_phase._Job(cfg, "math", tmp_path / "data", "key", "base", None, [])
+    with pytest.raises(Stop):
+        job(model, LocalCollective())
+    assert seen == [{"compile": want}]
 
 
 @pytest.mark.gpu
