@@ -4,19 +4,23 @@ top-p semantics, and a seeded sampler of the right distribution that leaves the 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import GENERATION_CORPUS as CORPUS
-from conftest import SMALL_TINY, tiny_llama
+from conftest import SMALL_TINY, make_config, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from selfmoe.data.decoding import StaticDecoder, top_p_filter, unsupported_reason
 from selfmoe.data.generation import TextGenerator
+from selfmoe.data.sharded import LocalCollective
 from selfmoe.models.attention import NAME as SELFMOE_SDPA
 from selfmoe.models.tiny import make_tiny
+from selfmoe.phases import generate as generate_phase
 
 # Different lengths; the last ends right where the tiny model has learnt to emit EOS.
 PROMPTS = [
@@ -241,6 +245,135 @@ def test_a_decode_step_and_sampling_never_read_the_device(trained):
         assert reads.seen == [], (impl, reads.seen)
 
 
+# --- torch.compile ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(trained):
+    """One compiling decoder for the compile tests: each new shape is an inductor compile (~15 s on a CPU)."""
+    model, tok = trained
+    return _decoder(model, tok, compile=True)
+
+
+def test_compiled_decode_equals_the_plain_decode_and_recompiles_for_new_shapes(trained, compiled, caplog):
+    model, tok = trained
+    model.set_attn_implementation(SELFMOE_SDPA)  # what the generate phase decodes with
+    plain = _decoder(model, tok)
+    # (4 rows, 64 slots), then (3 rows, 128 slots): the second call recompiles with dynamic shapes.
+    for prompts, max_new in ((PROMPTS, 14), (PROMPTS[:3], 70)):
+        enc = _encode(tok, prompts)
+        with caplog.at_level(logging.WARNING, logger="selfmoe.data.decoding"):
+            got = compiled.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
+        assert compiled.compile and compiled._compiled is not None, caplog.text  # no fallback
+        assert torch.equal(got, plain.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new))
+        assert torch.equal(got, _hf(model, tok, enc, max_new))
+    assert list(compiled._slots) == [(4, 64), (3, 128)]
+    assert "torch.compile" not in caplog.text
+
+
+def _failing_compile(error: BaseException, calls: list[str]):
+    """A stand-in for torch.compile: the callable it makes raises ``error`` when called (where dynamo compiles)."""
+
+    def compile_(fn, **kwargs):
+        calls.append("compile")
+
+        def run(*args, **kw):
+            calls.append("call")
+            raise error
+
+        return run
+
+    return compile_
+
+
+def test_a_failed_compile_falls_back_to_the_plain_step_with_a_warning(trained, monkeypatch, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    model, tok = trained
+    calls: list[str] = []
+    failure = BackendCompilerFailed("inductor", InvalidCxxCompiler(), None)
+    monkeypatch.setattr(torch, "compile", _failing_compile(failure, calls))
+    dec = _decoder(model, tok, compile=True)
+    enc = _encode(tok, PROMPTS)
+    with caplog.at_level(logging.WARNING, logger="selfmoe.data.decoding"):
+        got = dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=14)
+    assert "decoding without torch.compile" in caplog.text and "InvalidCxxCompiler" in caplog.text
+    assert torch.equal(got, _hf(model, tok, enc, 14))
+    assert calls == ["compile", "call"] and not dec.compile  # given up on for the decoder's life
+    dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=70)  # a new shape: no new attempt
+    assert calls == ["compile", "call"]
+
+
+def test_torch_compile_refusing_falls_back_too(trained, monkeypatch, caplog):
+    model, tok = trained
+
+    def refuse(fn, **kwargs):
+        raise RuntimeError("torch.compile is not supported here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    dec = _decoder(model, tok, compile=True)
+    enc = _encode(tok, PROMPTS)
+    with caplog.at_level(logging.WARNING, logger="selfmoe.data.decoding"):
+        got = dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=14)
+    assert "not supported here" in caplog.text and not dec.compile
+    assert torch.equal(got, _hf(model, tok, enc, 14))
+
+
+def test_errors_that_are_not_compile_failures_propagate(trained, monkeypatch):
+    model, tok = trained
+    monkeypatch.setattr(torch, "compile", _failing_compile(ValueError("not the compiler's"), []))
+    dec = _decoder(model, tok, compile=True)
+    enc = _encode(tok, PROMPTS)
+    with pytest.raises(ValueError, match="not the compiler's"):
+        dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=5)
+
+
+def test_going_past_the_recompile_limit_falls_back_with_a_warning(trained, monkeypatch, caplog):
+    """Not dynamo's silent eager fallback: the decoder says so and runs its plain step."""
+    import torch._dynamo.config
+
+    model, tok = trained
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real(fn, **kwargs, backend="eager"))  # trace only
+    dec, plain = _decoder(model, tok, compile=True), _decoder(model, tok)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, "selfmoe.data.decoding"):
+        for prompts, max_new in ((PROMPTS, 14), (PROMPTS[:3], 70)):  # the second shape needs a recompile
+            enc = _encode(tok, prompts)
+            got = dec.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
+            assert torch.equal(got, plain.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new))
+    assert "FailOnRecompileLimitHit" in caplog.text and not dec.compile
+
+
+def test_text_generator_passes_compile_to_its_decoder():
+    model = tiny_llama()
+    assert TextGenerator(model, SimpleNamespace(pad_token_id=0, eos_token_id=1), compile=True).decoder().compile
+    assert not TextGenerator(model, SimpleNamespace(pad_token_id=0, eos_token_id=1)).decoder().compile
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "want"), [(True, "cpu", False), (True, "cuda", True), (False, "cuda", False)]
+)
+def test_the_generate_phase_compiles_on_a_gpu_only(tmp_path, monkeypatch, setting, device, want):
+    cfg = make_config("generate", tmp_path, "domain=math", f"data.compile={str(setting).lower()}")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def text_generator(model, tokenizer, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(generate_phase, "TextGenerator", text_generator)
+    # Only the parameters' device is looked at before the generator is made: no GPU needed.
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+    job = generate_phase._Job(cfg, "math", tmp_path / "data", "key", "base", None, [])
+    with pytest.raises(Stop):
+        job(model, LocalCollective())
+    assert seen == [{"compile": want}]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["sdpa", SELFMOE_SDPA])
 def test_cuda_graph_decode_equals_eager_decode(trained, impl):
@@ -259,3 +392,17 @@ def test_cuda_graph_decode_equals_eager_decode(trained, impl):
     sampled = [graphed.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=20, do_sample=True, seed=1)]
     sampled.append(eager.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=20, do_sample=True, seed=1))
     assert torch.equal(*sampled)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_equals_eager_decode(trained):
+    model, tok = trained
+    model = copy.deepcopy(model).cuda()
+    model.set_attn_implementation(SELFMOE_SDPA)
+    eager = _decoder(model, tok, use_graphs=False)
+    compiled = _decoder(model, tok, compile=True)
+    for prompts, max_new in ((PROMPTS, 14), (PROMPTS[:3], 70)):  # the second shape recompiles
+        enc = _encode(tok, prompts)
+        want = eager.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new)
+        assert torch.equal(compiled.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new), want)
+    assert compiled.compile and all(slot.graph is not None for slot in compiled._slots.values())

@@ -53,11 +53,16 @@ class Throughput:
 
 
 class TextGenerator:
-    """Generate completions for batches of prompts with one model."""
+    """Generate completions for batches of prompts with one model.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    ``compile`` runs the static-cache decoder's step through ``torch.compile`` (worth it on a GPU only:
+    each new shape costs a compile).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
         self.throughput = Throughput()
         self._decoder: StaticDecoder | None = None
         self._fallback: str | None = None  # why model.generate is used instead, once decided
@@ -71,7 +76,11 @@ class TextGenerator:
             else:
                 tok = self.tokenizer
                 self._decoder = StaticDecoder(
-                    self.model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tokenizer=tok
+                    self.model,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    tokenizer=tok,
+                    compile=self.compile,
                 )
         return self._decoder
 

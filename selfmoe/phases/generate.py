@@ -105,8 +105,11 @@ class _Job:
                 self._write(list(self.seeds), [], len(self.seeds), {"source": "seeds"}, 0.0)
             collective.barrier()
             return
+        # The model is on this rank's device by now. Compiling on the CPU would cost seconds to minutes
+        # per shape and gain little, so data.compile applies on a GPU only.
+        on_gpu = next(model.parameters()).device.type == "cuda"
         gen = ShardedGenerator(
-            TextGenerator(model, self.tokenizer),
+            TextGenerator(model, self.tokenizer, compile=cfg.data.compile and on_gpu),
             batch_size=cfg.data.batch_size,
             collective=collective,
             journal=BatchJournal(self.target / PARTIAL_DIR, self.key),
