@@ -2,12 +2,12 @@
 
 The data phase's brainstorming call (selfmoe.data.selfgen): a batch of ``data.batch_size``
 left-padded prompts, sampling at temperature 1.0 / top-p 0.98, up to 512 new tokens, decoded by
-the project's static-cache decoder (CUDA-graph steps, selfmoe/data/decoding.py) over the
+the project's static-cache decoder (compiled CUDA-graph steps, selfmoe/data/decoding.py) over the
 project's attention (``selfmoe_sdpa``, as ``load_base`` sets it). Reported: generated tokens/s
 as TextGenerator counts them, end to end (prefill, decode steps, sampling, host checks), and the
 bandwidth roofline at that batch and mean context (target ≥ 40 % of it). For contrast: plain HF
 ``generate`` at batch 1 (the naive path, with its median decode step) and a CUDA-graph decode
-step of ``benchmarks.decode.DecodeRunner`` at the same batch and context.
+step of ``benchmarks.decode.DecodeRunner`` at the same batch and context, plain and compiled.
 
 The weights are random, so a synthetic word-level tokenizer covering the whole vocabulary stands
 in for the real one (tokenisation is host work outside the timed decode steps).
@@ -30,7 +30,7 @@ from selfmoe.data.generation import TextGenerator
 
 # configs/base.yaml `data:` (selfmoe.config.DataConfig): the brainstorming call's settings.
 # Copied here so the harness needs no omegaconf; tests/test_benchmarks.py checks they agree.
-DATA = {"batch_size": 16, "temperature": 1.0, "top_p": 0.98, "max_new_tokens_brainstorm": 512}
+DATA = {"batch_size": 16, "temperature": 1.0, "top_p": 0.98, "max_new_tokens_brainstorm": 512, "compile": True}
 PROMPT_TOKENS = (256, 512)  # a brainstorming prompt: header + 3 seed tasks (measured range, see docs)
 NAIVE_NEW_TOKENS = 128
 
@@ -106,12 +106,16 @@ def run(
     vocab = ctx.model.config.vocab_size
     tok = synthetic_tokenizer(vocab)
     ctx.model.generation_config.pad_token_id = tok.pad_token_id
-    gen = TextGenerator(ctx.model, tok)
+    # As the generate phase builds it: the decode step compiled on a GPU when data.compile is set.
+    gen = TextGenerator(ctx.model, tok, compile=DATA["compile"] and ctx.device.type == "cuda")
     lengths = PROMPT_TOKENS if not s.shape.startswith("tiny") else (8, 16)
     prompts = synthetic_prompts(batch, vocab, lengths, seed=s.seed)
     prompt_len = max(len(p.split()) for p in prompts)  # left padding: every row holds the longest prompt
-    _generate(gen, prompts, 8)  # warm-up (the first call of a cache size also captures its graph)
-    _generate(gen, prompts, max_new)  # the same cache size as the timed call: its capture is not timed
+    # Warm-up: the first call of a cache size compiles and captures its step. The second size makes
+    # dynamo recompile with the cache length symbolic, which is the step a data phase runs at most
+    # lengths, so that is the step timed; its compile and capture happen in the second call.
+    _generate(gen, prompts, 8)
+    _generate(gen, prompts, max_new)
     tokens, seconds = _generate(gen, prompts, max_new)
     out: dict[str, Any] = {
         "batch": batch,
@@ -121,6 +125,7 @@ def run(
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "graphs": bool(gen.decoder() and gen.decoder().graphs),
+        "compiled": bool(gen.decoder() and gen.decoder().compile),
     }
     context = prompt_len + max_new / 2
     if bytes_per_s:
@@ -141,14 +146,18 @@ def run(
     }
     free_memory()
     if ctx.device.type == "cuda":
-        out["graphed_decode"] = guarded(
-            "graphed", lambda: _graphed(ctx, batch, int(context), out.get("roofline_tokens_per_s"))
+        roof = out.get("roofline_tokens_per_s")
+        out["graphed_decode"] = guarded("graphed", lambda: _graphed(ctx.model, ctx, batch, int(context), roof))
+        out["compiled_graphed_decode"] = guarded(
+            "compiled", lambda: _graphed(torch.compile(ctx.model, dynamic=False), ctx, batch, int(context), roof)
         )
     return out
 
 
-def _graphed(ctx: Context, batch: int, context: int, roofline: float | None) -> dict[str, Any]:
-    runner = DecodeRunner(ctx.model, batch, context, max_steps=ctx.settings.decode_iters + 8, graph=True)
+def _graphed(
+    model: torch.nn.Module, ctx: Context, batch: int, context: int, roofline: float | None
+) -> dict[str, Any]:
+    runner = DecodeRunner(model, batch, context, max_steps=ctx.settings.decode_iters + 8, graph=True)
     t = runner.time(iters=ctx.settings.decode_iters, warmup=ctx.settings.warmup)
     runner.close()
     out = {"context": context, "step": t, "tokens_per_s": t.per_second(batch)}
@@ -164,9 +173,10 @@ def show(result: dict[str, Any]) -> None:
         ["TextGenerator (end to end)", result["batch"], result["tokens_per_s"], result.get("fraction_of_roofline")],
         ["HF generate, naive", 1, result["naive_batch1"]["tokens_per_s"], None],
     ]
-    g = result.get("graphed_decode") or {}
-    if "tokens_per_s" in g:
-        rows.append(["graphed static-cache step", result["batch"], g["tokens_per_s"], g.get("fraction_of_roofline")])
+    for key, label in (("graphed_decode", "graphed step"), ("compiled_graphed_decode", "compiled graphed step")):
+        g = result.get(key) or {}
+        if "tokens_per_s" in g:
+            rows.append([label, result["batch"], g["tokens_per_s"], g.get("fraction_of_roofline")])
     if "roofline_tokens_per_s" in result:
         rows.append(["bandwidth roofline", result["batch"], result["roofline_tokens_per_s"], 1.0])
     table("E5 self-generation", ["path", "batch", "tokens/s", "of roofline"], rows)
