@@ -9,6 +9,7 @@ optimizer only) live in ``outputs/<model>/runs/expert-<name>/`` and a rerun resu
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import replace
@@ -22,15 +23,25 @@ from torch import nn
 from selfmoe.artifacts import Layout, atomic_dir
 from selfmoe.config import Config, grad_accumulation
 from selfmoe.models.base import load_base, model_id
+from selfmoe.models.compiling import compile_decoder_layers
 from selfmoe.models.lora_train import autocast_precision, lora_training_model
 from selfmoe.models.mixse import ADAPTER_FILES
 from selfmoe.phases import generate
-from selfmoe.phases.common import artifact_key, is_done, reporting_write_errors, resume_point, write_metadata
+from selfmoe.phases.common import (
+    artifact_key,
+    device_for,
+    is_done,
+    reporting_write_errors,
+    resume_point,
+    write_metadata,
+)
 from selfmoe.phases.fitting import data_hashes, datamodule_for, fit, training_manifest
 from selfmoe.training.expert import ExpertLitModule
 from selfmoe.training.trainer import build_trainer
 
 EXPERT_FILES = (*ADAPTER_FILES, "config.yaml", "manifest.json")
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> Path:
@@ -57,11 +68,36 @@ def lora_config(cfg: Config) -> LoraConfig:
     )
 
 
-def expert_model(cfg: Config, base: nn.Module) -> PeftModel:
-    """``base`` with a fresh LoRA expert, set up the way this phase trains it (also what E3 times)."""
-    return lora_training_model(
+def compiles(cfg: Config) -> bool:
+    """Whether the phase compiles the decoder layers: ``expert.compile`` and training on a GPU.
+
+    Never on a CPU: there the compile (seconds to minutes) outlasts a tiny model's whole run.
+    """
+    return cfg.expert.compile and device_for(cfg).type == "cuda"
+
+
+def expert_model(cfg: Config, base: nn.Module, *, compile: bool | None = None) -> PeftModel:
+    """``base`` with a fresh LoRA expert, set up the way this phase trains it (also what E3 times).
+
+    ``compile``: torch.compile each decoder layer (:mod:`selfmoe.models.compiling`); None
+    decides from the config and the device (:func:`compiles`).
+    """
+    model = lora_training_model(
         base, lora_config(cfg), fused=cfg.expert.fused_lora, autocast=autocast_precision(cfg.trainer.precision)
     )
+    # Training and validation forwards need no KV cache. With one, every layer also indexes its
+    # own cache slot, so a compiled layer specializes on its index: a compile per layer, until
+    # dynamo's recompile limit sends the rest back to eager.
+    model.get_base_model().config.use_cache = False
+    if compile is None:
+        compile = compiles(cfg)
+    if compile:
+        # In place, after PEFT has installed its layers: the model stays the same object with the
+        # same parameter names, so the saved adapter, checkpoints and Lightning's/DDP's wrapping
+        # are as without it. Lazy: the first training steps (and validation's) pay for the compile.
+        n = compile_decoder_layers(model)
+        log.info("expert.compile: %d decoder layers are compiled with torch.compile at their first call", n)
+    return model
 
 
 def train_expert(cfg: Config, name: str, data_dirs: dict[str, Path], callbacks: list[Callback] | None = None) -> Path:
