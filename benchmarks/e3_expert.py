@@ -2,14 +2,16 @@
 
 The expert phase's step: LoRA (r=8, alpha=16, dropout 0.05) on all seven linears of the frozen
 base, adapters in float32 as PEFT makes them, built by the phase's own ``expert_model`` (the lean
-LoRA forward and PEFT's input cast off under bf16-mixed; selfmoe/models/lora_train.py), the
-phase's autocast, train mode, AdamW. PEFT stock (``get_peft_model`` and nothing else) is timed
+LoRA forward and PEFT's input cast off under bf16-mixed, selfmoe/models/lora_train.py; on a GPU
+every decoder layer compiled, selfmoe/models/compiling.py), the phase's autocast, train mode,
+AdamW. Variants switch the compile, then the lean forward, off; PEFT stock (``get_peft_model`` and nothing else) is timed
 beside it. MFU = model FLOPs per step (benchmarks.roofline.lora_training_flops_per_token) / step
 time / the datasheet bf16 peak; the fraction of the measured matmul ceiling is shown too.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from benchmarks.common import Context, cli_main, table
 from benchmarks.roofline import H200_PEAK_BF16_FLOPS, linear_params, lora_training_flops_per_token
 from benchmarks.shapes import shared_copy
-from benchmarks.timing import time_fn
+from benchmarks.timing import synchronize, time_fn
 from selfmoe.config import Config, available, load_config
 from selfmoe.models.lora_train import autocast_precision
 
@@ -28,6 +30,7 @@ EXPERT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}  # configs/base.y
 # Label shown for each variant (the result keys stay machine-friendly).
 LABELS = {
     "as_configured": "as configured",
+    "compile_off": "expert.compile=false",
     "fused_lora_off": "expert.fused_lora=false",
     "peft_stock": "PEFT stock",
 }
@@ -52,9 +55,12 @@ def run(ctx: Context, *, peak_flops: float = H200_PEAK_BF16_FLOPS, measured_matm
 
     cfg = expert_config(ctx)
     builders: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
-        "as_configured": lambda base: expert_model(cfg, base),
-        # PEFT's forward, with its input cast still off under autocast.
-        "fused_lora_off": lambda base: expert_model(replace(cfg, expert=replace(cfg.expert, fused_lora=False)), base),
+        "as_configured": lambda base: expert_model(cfg, base),  # compiled on a GPU (expert.compile)
+        "compile_off": lambda base: expert_model(cfg, base, compile=False),
+        # PEFT's forward, with its input cast still off under autocast (and no compile).
+        "fused_lora_off": lambda base: expert_model(
+            replace(cfg, expert=replace(cfg.expert, fused_lora=False)), base, compile=False
+        ),
         "peft_stock": lambda base: get_peft_model(base, lora_config(cfg)),
     }
     out: dict[str, Any] = {"precision": cfg.trainer.precision}
@@ -92,6 +98,10 @@ def _measure(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    started = time.perf_counter()
+    step()  # the first step: where a compiled model compiles
+    synchronize(ctx.device)
+    first_step_s = time.perf_counter() - started
     t = time_fn(step, device=ctx.device, iters=s.iters, warmup=s.warmup)
     f = ctx.facts
     lora = sum(p.numel() for p in params)
@@ -102,6 +112,7 @@ def _measure(
     achieved = flops_token * tokens / (t.median_ms / 1e3)
     out = {
         "lean_lora_layers": len(lean_layers(model)),
+        "first_step_s": first_step_s,
         "lora_layers": len(layers),
         "cast_input": any(m.cast_input_dtype_enabled for m in layers),
         "lora_dropout": cfg.expert.lora.dropout,

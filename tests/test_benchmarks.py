@@ -295,13 +295,13 @@ def test_e3_times_the_expert_phase_step_beside_peft_stock(tmp_path, base):
     result = e3_expert.run(Context(settings, base, [], {}, tmp_path, facts=describe(base)))
     e3_expert.show(result)
     rows = {k: v for k, v in result.items() if isinstance(v, dict)}
-    assert set(rows) == {"as_configured", "fused_lora_off", "peft_stock"}
+    assert set(rows) == {"as_configured", "compile_off", "fused_lora_off", "peft_stock"}
     assert all(r["lora_params"] > 0 and r["mfu"] > 0 for r in rows.values())
     n = rows["as_configured"]["lora_layers"]
     assert n == len(TARGETS) * base.config.num_hidden_layers
     # On a CPU the phase trains in 32-true: PEFT's input cast stays on everywhere.
     assert result["precision"] == "32-true" and all(r["cast_input"] for r in rows.values())
-    assert rows["as_configured"]["lean_lora_layers"] == n
+    assert rows["as_configured"]["lean_lora_layers"] == rows["compile_off"]["lean_lora_layers"] == n
     assert rows["fused_lora_off"]["lean_lora_layers"] == rows["peft_stock"]["lean_lora_layers"] == 0
 
 
