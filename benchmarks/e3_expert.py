@@ -4,9 +4,10 @@ The expert phase's step: LoRA (r=8, alpha=16, dropout 0.05) on all seven linears
 base, adapters in float32 as PEFT makes them, built by the phase's own ``expert_model`` (the lean
 LoRA forward and PEFT's input cast off under bf16-mixed, selfmoe/models/lora_train.py; on a GPU
 every decoder layer compiled, selfmoe/models/compiling.py), the phase's autocast, train mode,
-AdamW. Variants switch the compile, then the lean forward, off; PEFT stock (``get_peft_model`` and nothing else) is timed
-beside it. MFU = model FLOPs per step (benchmarks.roofline.lora_training_flops_per_token) / step
-time / the datasheet bf16 peak; the fraction of the measured matmul ceiling is shown too.
+AdamW. Variants switch the compile, then the lean forward, off; PEFT stock (``get_peft_model``
+and nothing else) is timed beside it. MFU = model FLOPs per step
+(benchmarks.roofline.lora_training_flops_per_token) / step time / the datasheet bf16 peak; the
+fraction of the measured matmul ceiling is shown too.
 """
 
 from __future__ import annotations

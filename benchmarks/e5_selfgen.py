@@ -154,9 +154,7 @@ def run(
     return out
 
 
-def _graphed(
-    model: torch.nn.Module, ctx: Context, batch: int, context: int, roofline: float | None
-) -> dict[str, Any]:
+def _graphed(model: torch.nn.Module, ctx: Context, batch: int, context: int, roofline: float | None) -> dict[str, Any]:
     runner = DecodeRunner(model, batch, context, max_steps=ctx.settings.decode_iters + 8, graph=True)
     t = runner.time(iters=ctx.settings.decode_iters, warmup=ctx.settings.warmup)
     runner.close()

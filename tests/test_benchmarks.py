@@ -336,7 +336,8 @@ def test_e4_compiled_rows_decode_like_eager(tmp_path, base, experts):
     row = result["batches"][2]
     tps = row["tokens_per_s"]
     assert set(tps) == {"base/eager", "mixse/eager", "base/compiled", "mixse/compiled"}
-    assert row["ratio_vs_base_compiled"]["mixse/compiled"] == pytest.approx(tps["mixse/compiled"] / tps["base/compiled"])
+    ratio = tps["mixse/compiled"] / tps["base/compiled"]
+    assert row["ratio_vs_base_compiled"]["mixse/compiled"] == pytest.approx(ratio)
     # The compiled step computes what the eager step computes (float32): first-step logits, then tokens.
     mixse = make_mixse(base, experts, RouterSettings())
     eager = DecodeRunner(mixse, 2, 16, max_steps=8)
