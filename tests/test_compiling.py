@@ -182,6 +182,22 @@ def test_one_compile_serves_every_layer_of_the_phase_model(ids):
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def test_symbolic_shapes_keep_varying_batches_to_the_same_three_graphs():
+    """The phase compiles with ``dynamic=True``: padded widths and a short last batch change the
+    shapes at every step, and still the three graphs above serve them all."""
+    torch.manual_seed(0)
+    model = expert.expert_model(load_config("expert"), tiny_llama(), compile=False).train()
+    compile_decoder_layers(model, backend="aot_eager", dynamic=True)
+    gen = torch.Generator().manual_seed(1)
+    for batch, width in ((2, 12), (2, 9), (3, 7), (2, 16)):
+        step(model, torch.randint(0, 100, (batch, width), generator=gen))
+    model.eval()
+    with torch.no_grad():
+        for batch, width in ((2, 12), (3, 5)):
+            model(input_ids=torch.randint(0, 100, (batch, width), generator=gen))
+    assert counters["stats"]["unique_graphs"] == 3
+
+
 def test_compile_keeps_finished_experts_and_checkpoints_valid():
     from selfmoe.phases.common import artifact_key
 
@@ -197,8 +213,9 @@ def test_the_phase_trains_and_saves_through_lightning_with_compiled_layers(tmp_p
 
     calls = []
 
-    def compile_layers(model):
-        calls.append(compile_decoder_layers(model, backend="aot_eager"))
+    def compile_layers(model, **kwargs):
+        assert kwargs == {"dynamic": True}  # what the phase asks for (symbolic shapes: few graphs)
+        calls.append(compile_decoder_layers(model, backend="aot_eager", **kwargs))
         return calls[-1]
 
     adapters = {}

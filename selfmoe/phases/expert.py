@@ -95,7 +95,11 @@ def expert_model(cfg: Config, base: nn.Module, *, compile: bool | None = None) -
         # In place, after PEFT has installed its layers: the model stays the same object with the
         # same parameter names, so the saved adapter, checkpoints and Lightning's/DDP's wrapping
         # are as without it. Lazy: the first training steps (and validation's) pay for the compile.
-        n = compile_decoder_layers(model)
+        # dynamic=True: batches are padded to their longest row and the last one is short, so
+        # automatic dynamic would add a recompile per changed dimension on top of the graphs for
+        # train and eval and for the first layer (its input needs no gradient), close to dynamo's
+        # recompile limit (8), past which layers silently run eagerly; symbolic shapes need ~4.
+        n = compile_decoder_layers(model, dynamic=True)
         log.info("expert.compile: %d decoder layers are compiled with torch.compile at their first call", n)
     return model
 
