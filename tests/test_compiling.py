@@ -108,7 +108,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients(fused, ids):
     compile_decoder_layers(model, backend="aot_eager")
     for batch in (ids, ids[:, :17], ids[:1]):
         assert_same(step(model, batch), step(eager, batch), atol=1e-5)
-    eager.eval(), model.eval()
+    eager.eval()
+    model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=0, atol=1e-5)
 
