@@ -199,6 +199,18 @@ def test_symbolic_shapes_keep_varying_batches_to_the_same_three_graphs():
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def test_the_next_expert_in_the_process_reuses_the_compiled_layers(ids, monkeypatch):
+    """`make experts` trains one expert after another in one process: the second model's layers
+    match the first model's graphs (the weights are graph inputs), so nothing compiles again."""
+    monkeypatch.setattr(
+        expert, "compile_decoder_layers", lambda m, **kw: compile_decoder_layers(m, backend="aot_eager", **kw)
+    )
+    for seed in range(3):
+        torch.manual_seed(seed)
+        step(expert.expert_model(load_config("expert"), tiny_llama(), compile=True).train(), ids)
+        assert counters["stats"]["unique_graphs"] == 2  # the first layer's and the others'
+
+
 def test_compile_keeps_finished_experts_and_checkpoints_valid():
     from selfmoe.phases.common import artifact_key
 
