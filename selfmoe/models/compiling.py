@@ -34,15 +34,7 @@ __all__ = ["compile_decoder_layers", "decoder_layers"]
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, also when PEFT wraps it."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
-    try:
-        return _decoder_layers(model)
-    except SelfMoEError:
-        layers = getattr(getattr(model, "model", None), "layers", None)  # HF's usual ``model.model.layers``
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return layers
-        raise
+    return _decoder_layers(model.get_base_model() if isinstance(model, PeftModel) else model)
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> int:
