@@ -25,9 +25,16 @@ from benchmarks.roofline import (
 from benchmarks.shapes import TARGETS, build_model, describe, random_experts, shared_copy, write_adapter
 from benchmarks.timing import Timing, ratio, time_fn
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_mixse, make_xlora
-from selfmoe.models.mixse import GatedLoraLinear, RouterSettings, ShrinkGroup, build_mixse, read_expert
+from selfmoe.models.mixse import GatedLoraLinear, LinearGroup, RouterSettings, build_mixse, read_expert
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
+EPILOGUES = ["base", "expand", "fold"]
+
+
+@pytest.fixture(autouse=True)
+def fold_on_cpu(monkeypatch):
+    """The fold applies on GPUs only (it saves launches); these tests run it on the CPU too."""
+    monkeypatch.setattr(GatedLoraLinear, "fold_device_types", ("cuda", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,7 @@ def both_paths(model, ids):
         {"input": "final_hidden"},
     ],
 )
-@pytest.mark.parametrize("add_into", ["base", "expand"])
+@pytest.mark.parametrize("add_into", EPILOGUES)
 def test_fast_path_equals_reference_path_in_float32(base, experts, ids, settings, add_into, monkeypatch):
     monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
     model = make_mixse(base, experts, RouterSettings(**settings))
@@ -88,7 +95,9 @@ def test_fast_path_equals_reference_path_in_float32(base, experts, ids, settings
     assert not torch.allclose(fast, logits(base, ids), atol=1e-3)  # the experts act
 
 
-def test_fast_path_in_bfloat16_is_as_accurate_as_the_reference_path(experts, ids):
+@pytest.mark.parametrize("add_into", EPILOGUES)
+def test_fast_path_in_bfloat16_is_as_accurate_as_the_reference_path(experts, ids, add_into, monkeypatch):
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
     ref32 = make_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
     low = make_mixse(build_model("tiny", "cpu", torch.bfloat16), experts, RouterSettings(top_k=None))
     low.mixse.router.load_state_dict(ref32.mixse.router.state_dict())
@@ -98,39 +107,103 @@ def test_fast_path_in_bfloat16_is_as_accurate_as_the_reference_path(experts, ids
     assert err_fast <= 1.5 * err_ref + 1e-3, (err_fast, err_ref)
 
 
-def test_siblings_share_one_stacked_shrink_matrix(base, experts):
+def test_linear_groups_lay_out_fused_matrices_with_the_parameters_as_views(base, experts):
     model = make_mixse(base, experts, RouterSettings())
     layer = model.model.layers[0]
     q, k, v = layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
-    gate, up, down = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
-    assert isinstance(q.group, ShrinkGroup) and q.group is k.group is v.group
+    gate, up, down, o = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.o_proj
+    assert isinstance(q.group, LinearGroup) and q.group is k.group is v.group
     assert gate.group is up.group and gate.group is not q.group
-    assert down.group is None and layer.self_attn.o_proj.group is None
-    stacked = q.group.stacked
-    assert [m.lora_A.data_ptr() for m in (q, k, v)] == [
-        stacked[i * q.lora_A.shape[0]].data_ptr() for i in range(3)
-    ]  # one storage: in-place loads and optimiser steps reach both
+    assert down.group.members == [down] and o.group.members == [o] and down.group is not o.group
+    group, r = q.group, q.lora_A.shape[0]
+    assert group.members[group.leader] is k  # the fewest outputs (2 KV heads): the cheapest expand
+    d_in, rows = q.in_features, k.out_features
+    # The leader: [W0_k; A_q; A_k; A_v], its parameters views of it.
+    assert group.lead.shape == (rows + 3 * r, d_in)
+    assert k.base.weight.data_ptr() == group.lead.data_ptr()
+    for i, m in enumerate((q, k, v)):
+        assert m.lora_A.data_ptr() == group.lead[rows + i * r].data_ptr()
+    assert group.stacked.data_ptr() == q.lora_A.data_ptr()
+    # The others: [W0 | 0 .. B .. 0], B at the member's own block of shrink columns.
+    for i, m in ((0, q), (2, v)):
+        cat = group.cats[i]
+        assert cat.shape == (m.out_features, d_in + 3 * r)
+        assert m.base.weight.data_ptr() == cat.data_ptr() and m.lora_B.data_ptr() == cat[0, d_in + i * r].data_ptr()
+        others = torch.cat([cat[:, d_in : d_in + i * r], cat[:, d_in + (i + 1) * r :]], 1)
+        assert not others.any()  # zero padding: the other members' shrink columns do not reach this output
+    # The base model that shares its tensors with MiXSE's copy is untouched.
+    original = base.model.layers[0].self_attn.q_proj.weight
+    assert original is not q.base.weight and original.is_contiguous()
+    torch.testing.assert_close(original, q.base.weight, rtol=0, atol=0)
 
 
-def test_in_place_expert_updates_and_moves_reach_the_fast_path(experts, ids):
+def test_fold_computes_through_the_fused_matrices_for_few_tokens_only(experts, ids, monkeypatch):
+    """Garbage in the zero padding of q's [W0 | 0 B 0] reaches the output on the fold path only, and
+    only for calls of at most ``fold_max_tokens`` tokens on a device of ``fold_device_types``
+    (others take the "base" epilogue)."""
+    model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
+    assert GatedLoraLinear.add_into == "fold" and ids.numel() <= GatedLoraLinear.fold_max_tokens
+    folded = logits(model, ids)
+    monkeypatch.setattr(GatedLoraLinear, "add_into", "base")
+    clean = logits(model, ids)
+    monkeypatch.setattr(GatedLoraLinear, "add_into", "fold")
+    q = model.model.layers[0].self_attn.q_proj
+    q.group.cats[0][:, q.in_features + q.lora_A.shape[0] :] = 1.0  # the columns of k's and v's shrinks
+    assert not torch.allclose(logits(model, ids), folded, atol=1e-3)
+    monkeypatch.setattr(GatedLoraLinear, "fold_max_tokens", ids.numel() - 1)
+    torch.testing.assert_close(logits(model, ids), clean, rtol=0, atol=0)  # "base" reads the parameters
+    monkeypatch.setattr(GatedLoraLinear, "fold_max_tokens", ids.numel())
+    monkeypatch.setattr(GatedLoraLinear, "fold_device_types", ("cuda",))  # the default: no fold on a CPU
+    torch.testing.assert_close(logits(model, ids), clean, rtol=0, atol=0)
+    monkeypatch.setattr(GatedLoraLinear, "fold_max_tokens", ids.numel())
+    monkeypatch.setattr(GatedLoraLinear, "add_into", "base")
+    torch.testing.assert_close(logits(model, ids), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("add_into", ["base", "fold"])
+def test_in_place_expert_updates_and_moves_reach_the_fast_path(experts, ids, add_into, monkeypatch):
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
     # Its own base: the move below converts the (shared) parameters in place.
     model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=None))
     before = logits(model, ids)
-    q = model.model.layers[0].self_attn.q_proj
+    attn = model.model.layers[0].self_attn
+    q, v = attn.q_proj, attn.v_proj
     with torch.no_grad():
         q.lora_A.data.mul_(3.0)  # what load_mixse's copy_ into .data does
+        v.lora_B.data.mul_(2.0)  # lives in v's [W0 | B] matrix
+        q.base.weight.data.add_(0.01)
     fast, reference = both_paths(model, ids)
     torch.testing.assert_close(fast, reference, **FP32)
     assert not torch.allclose(fast, before)
-    model.to(torch.float64)  # a move re-allocates the parameters: the group re-stacks
+    model.to(torch.float64)  # a move re-allocates the parameters: the group lays them out again
     fast, reference = both_paths(model, ids)
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
-    assert q.group.stacked.dtype == torch.float64
+    assert q.group.stacked.dtype == torch.float64 and q.base.weight.data_ptr() == q.group.cats[0].data_ptr()
 
 
-def test_mixse_compiles_to_one_graph_that_equals_eager(experts, ids):
-    """torch.compile sees the whole MiXSE forward (router hooks, column gates, shared shrinks) as one
-    graph; after a dtype move the shrink group's stack is stale, and the traced path must not use it."""
+def test_fold_with_biases_equals_reference(monkeypatch):
+    """Qwen-style q/k/v biases and MLP biases: the leader's bias is padded with zeros for the shrink columns."""
+    monkeypatch.setattr(GatedLoraLinear, "add_into", "fold")
+    config = build_model("tiny", "cpu", torch.float32).config
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(0)
+    model = type(build_model("tiny", "cpu", torch.float32))(config).eval().requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.5)
+    mixse = build_mixse(model, random_experts(model, 2, 4, seed=3, b_std=0.2), RouterSettings(top_k=2))
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    fast, reference = both_paths(mixse, ids)
+    torch.testing.assert_close(fast, reference, **FP32)
+    k = mixse.model.layers[0].self_attn.k_proj
+    assert k.group.lead_bias is not None and k.base.bias.data_ptr() == k.group.lead_bias.data_ptr()
+
+
+@pytest.mark.parametrize("add_into", ["base", "fold"])
+def test_mixse_compiles_to_one_graph_that_equals_eager(experts, ids, add_into, monkeypatch):
+    """torch.compile sees the whole MiXSE forward (router hooks, column gates, linear groups) as one
+    graph; after a dtype move the groups' fused matrices are stale, and the traced path must not use them."""
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
     model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=2))
     explained = torch._dynamo.explain(model)(input_ids=ids)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
@@ -160,7 +233,9 @@ def test_fast_path_gradients_equal_reference_for_router_and_joint_experts(base, 
         torch.testing.assert_close(a, b, **FP32)
 
 
-def test_router_only_gradients_through_the_shared_shrink(base, experts, ids):
+@pytest.mark.parametrize("add_into", EPILOGUES)
+def test_router_only_gradients_through_the_shared_shrink(base, experts, ids, add_into, monkeypatch):
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
     grads = []
     for fast in (True, False):
         model = make_mixse(base, experts, RouterSettings(top_k=2))
@@ -335,20 +410,25 @@ def test_e4_compiled_rows_decode_like_eager(tmp_path, base, experts):
     e4_decode.show(result)
     row = result["batches"][2]
     tps = row["tokens_per_s"]
-    assert set(tps) == {"base/eager", "mixse/eager", "base/compiled", "mixse/compiled"}
+    assert set(tps) == {f"{m}/{k}" for m in ("base", "mixse") for k in ("eager", "compiled")}
     ratio = tps["mixse/compiled"] / tps["base/compiled"]
     assert row["ratio_vs_base_compiled"]["mixse/compiled"] == pytest.approx(ratio)
     # The compiled step computes what the eager step computes (float32): first-step logits, then tokens.
     mixse = make_mixse(base, experts, RouterSettings())
-    eager = DecodeRunner(mixse, 2, 16, max_steps=8)
-    compiled = DecodeRunner(torch.compile(mixse, dynamic=False), 2, 16, max_steps=8, cache=eager.cache)
-    first = []
-    for runner in (eager, compiled):
-        runner.reset()
-        runner.step()
-        first.append(runner.logits.clone())
-    torch.testing.assert_close(first[1], first[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(eager.tokens(4), compiled.tokens(4))
+    for add_into in ("base", "fold"):
+        GatedLoraLinear.add_into = add_into
+        try:
+            eager = DecodeRunner(mixse, 2, 16, max_steps=8)
+            compiled = DecodeRunner(torch.compile(mixse, dynamic=False), 2, 16, max_steps=8, cache=eager.cache)
+            first = []
+            for runner in (eager, compiled):
+                runner.reset()
+                runner.step()
+                first.append(runner.logits.clone())
+            torch.testing.assert_close(first[1], first[0], rtol=1e-4, atol=1e-4)
+            assert torch.equal(eager.tokens(4), compiled.tokens(4))
+        finally:
+            GatedLoraLinear.add_into = "fold"
     torch._dynamo.reset()
 
 

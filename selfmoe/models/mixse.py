@@ -43,6 +43,7 @@ from selfmoe.models.router import GateSpec, Router, gates_from_logits
 
 ROUTER_FILE, EXPERTS_FILE, MIXSE_FILE = "router.safetensors", "experts.safetensors", "mixse.json"
 FORMAT_VERSION = 1
+ADD_INTO = ("base", "expand", "fold")  # the fast path's ways of adding the expert delta (GatedLoraLinear.add_into)
 
 
 @dataclass(frozen=True)
@@ -155,76 +156,164 @@ class RoutingSlot:
         return cached
 
 
-class ShrinkGroup:
-    """Sibling gated linears that read the same input (q/k/v, gate/up): one shrink GEMM for all.
+class LinearGroup:
+    """Gated linears that read one input (q/k/v, gate/up, or a linear alone), laid out for few GEMMs.
 
-    Their ``lora_A`` parameters are views of one stacked ``(M*R, d_in)`` matrix, so ``x`` is read
-    once and ``(x A_all^T) * G`` is computed by the first member called with a given ``x``; the
-    others take their column slice. Views keep the stacked matrix and the parameters one storage
-    (an in-place load or optimiser step updates both); if a move (``.to()``) split them, the
-    matrix is re-stacked. Used only while the experts are frozen.
+    Each member's weights live in one fused matrix; its parameters (``base.weight``, ``base.bias``,
+    ``lora_A``, ``lora_B``) are views of it, so in-place loads and optimiser steps reach both, and a
+    move (``.to()``) that splits them is detected and the matrices are laid out again:
+
+    - the *leader* (the member with the fewest outputs) holds ``[W0; A_1; ...; A_M]`` (``out + M*R``
+      rows): its base GEMM also computes every member's shrink ``x A_m^T`` (N-concatenation), and
+      ``A_all`` (the last ``M*R`` rows) is the stacked shrink matrix of the other epilogues;
+    - every other member holds ``[W0 | 0 .. B_m .. 0]`` (``d_in + M*R`` columns, ``B_m`` at its own
+      block of the group's shrink columns): one GEMM over ``[x | h_g]`` gives ``x W0^T + h_g B_m^T``
+      (K-concatenation).
+
+    With ``GatedLoraLinear.add_into = "fold"`` a group of M linears costs M GEMMs plus the leader's
+    expand, a gate product and a concatenation; the other epilogues run one shrink GEMM for the
+    group. The first member called with a given ``(x, G)`` computes the shared part; the others
+    reuse it. Used only while the experts are frozen.
     """
 
     def __init__(self, members: list[GatedLoraLinear]) -> None:
         self.members = members
         self.rank = members[0].lora_A.shape[0]
-        self.stacked = self._restack()
-        self._x: torch.Tensor | None = None
-        self._g: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
+        self.leader = min(range(len(members)), key=lambda i: members[i].out_features)
+        for m in members:
+            # Own parameter objects: laying out must not touch a model that shares the base's tensors.
+            base = m.base
+            base.weight = nn.Parameter(base.weight.detach(), requires_grad=base.weight.requires_grad)
+            if base.bias is not None:
+                base.bias = nn.Parameter(base.bias.detach(), requires_grad=base.bias.requires_grad)
+            m.group, m.group_index = self, members.index(m)
+        self._layout()
+        self._key: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        self._shared: tuple[torch.Tensor, ...] = ()
         self._left = 0
 
-    def _restack(self) -> torch.Tensor:
-        stacked = torch.cat([m.lora_A.detach() for m in self.members], 0)  # (M*R, d_in)
-        for i, m in enumerate(self.members):
-            m.lora_A.data = stacked[i * self.rank : (i + 1) * self.rank]
-        return stacked
+    def _layout(self) -> None:
+        members, r, lead = self.members, self.rank, self.members[self.leader]
+        m_r, d_in, out = len(members) * r, lead.in_features, lead.out_features
+        fused = torch.cat([lead.base.weight.detach()] + [m.lora_A.detach() for m in members], 0)
+        views = [(lead.base.weight, fused[:out])]
+        views += [(m.lora_A, fused[out + i * r : out + (i + 1) * r]) for i, m in enumerate(members)]
+        self.lead_bias = None
+        if lead.base.bias is not None:
+            self.lead_bias = torch.cat([lead.base.bias.detach(), fused.new_zeros(m_r)])
+            views.append((lead.base.bias, self.lead_bias[:out]))
+        self.lead, self.cats = fused, []
+        for i, m in enumerate(members):
+            if i == self.leader:
+                self.cats.append(None)
+                continue
+            cat = fused.new_zeros(m.out_features, d_in + m_r)
+            cat[:, :d_in] = m.base.weight.detach()
+            cat[:, d_in + i * r : d_in + (i + 1) * r] = m.lora_B.detach()
+            views += [(m.base.weight, cat[:, :d_in]), (m.lora_B, cat[:, d_in + i * r : d_in + (i + 1) * r])]
+            self.cats.append(cat)
+        for param, view in views:
+            param.data = view
+        self._views = [(param, param.data_ptr()) for param, _ in views]
 
-    def _current(self) -> torch.Tensor | None:
-        """The stacked matrix, re-stacked if the parameters stopped being its views; None: use them one by one."""
-        a = self.stacked
+    @property
+    def stacked(self) -> torch.Tensor:
+        """``A_all`` (M*R, d_in): every member's ``lora_A`` stacked, the rows under the leader's ``W0``."""
+        return self.lead[self.members[self.leader].out_features :]
+
+    def _current(self) -> bool:
+        """Whether the fused matrices are valid, laying them out again if a move split them.
+
+        False (only while compiling): use the members one by one.
+        """
+        lead = self.lead
         if torch.compiler.is_compiling():
             # Storage addresses cannot be traced. Dynamo guards on the parameters' device and dtype,
-            # so a move retraces and lands here; the stack is rebuilt eagerly on the next eager call.
-            same = all(m.lora_A.device == a.device and m.lora_A.dtype == a.dtype for m in self.members)
-            return a if same else None
-        step = self.rank * a.stride(0) * a.element_size()
-        for i, m in enumerate(self.members):
-            p = m.lora_A
-            if p.device != a.device or p.dtype != a.dtype or p.data_ptr() != a.data_ptr() + i * step:
-                self.stacked = a = self._restack()
-                break
-        return a
+            # so a move retraces and lands here; the layout is redone on the next eager call.
+            return all(p.device == lead.device and p.dtype == lead.dtype for p, _ in self._views)
+        if any(p.data_ptr() != ptr or p.device != lead.device or p.dtype != lead.dtype for p, ptr in self._views):
+            self._layout()
+        return True
+
+    def _begin(self, x: torch.Tensor, g: torch.Tensor, kind: str) -> bool:
+        """Whether ``(x, g)`` starts a new round of calls (the shared part must be computed)."""
+        key = self._key
+        return key is None or key[0] is not x or key[1] is not g or key[2] != kind
+
+    def _served(self) -> None:
+        self._left -= 1
+        if self._left <= 0:  # every member served: drop the activation references
+            self._key, self._shared = None, ()
 
     def gated_shrink(self, x: torch.Tensor, g: torch.Tensor, member: int) -> torch.Tensor:
         """``member``'s slice (..., R) of ``(x A_all^T) * G``; computed once per (x, G) for the group."""
-        if x is not self._x or g is not self._g:
-            stacked = self._current()
-            if stacked is None:
+        if self._begin(x, g, "shrink"):
+            if not self._current():
                 return gated_shrink(x, self.members[member].lora_A, g, 1)
-            h = gated_shrink(x, stacked, g, len(self.members))  # (..., M*R)
             # Strong references: identity checks can never match a recycled object.
-            self._x, self._g, self._h, self._left = x, g, h, len(self.members)
-        h = self._h
-        self._left -= 1
-        if self._left <= 0:  # every member served: drop the activation references
-            self._x = self._g = self._h = None
+            self._key, self._left = (x, g, "shrink"), len(self.members)
+            self._shared = (gated_shrink(x, self.stacked, g, len(self.members)),)  # (..., M*R)
+        h = self._shared[0]
+        self._served()
         return h[..., member * self.rank : (member + 1) * self.rank]
+
+    def folded(self, x: torch.Tensor, g: torch.Tensor, member: int) -> torch.Tensor | None:
+        """``member``'s output ``x W0^T + b + ((x A^T) * G) B^T`` through the fused matrices.
+
+        None (only while compiling, after a move): the caller takes the unfused path.
+        """
+        members, r = self.members, self.rank
+        lead_out = members[self.leader].out_features
+        if self._begin(x, g, "fold"):
+            if not self._current():
+                return None
+            x2 = x.reshape(-1, x.shape[-1])
+            # The leader's GEMM: its own outputs, then every member's shrink columns.
+            lead, bias = self.lead.t(), self.lead_bias
+            y = torch.mm(x2, lead) if bias is None else torch.addmm(bias, x2, lead)
+            hg = gate_columns(y[:, lead_out:], g.reshape(-1, g.shape[-1]), len(members))
+            xh = torch.cat([x2, hg], 1) if len(members) > 1 else None  # [x | h_g], the siblings' input
+            self._key, self._left, self._shared = (x, g, "fold"), len(members), (y, hg, xh)
+        y, hg, xh = self._shared
+        module = members[member]
+        if member == self.leader:
+            h = hg[:, member * r : (member + 1) * r]
+            out = y[:, :lead_out]
+            if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad):
+                out = torch.addmm(out, h, module.lora_B.t())  # in place would bump the version autograd saved
+            else:
+                out.addmm_(h, module.lora_B.t())  # the expand accumulates onto the leader's outputs (beta=1)
+        else:
+            cat, bias = self.cats[member], module.base.bias
+            out = torch.mm(xh, cat.t()) if bias is None else torch.addmm(bias, xh, cat.t())
+        self._served()
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class GatedLoraLinear(nn.Module):
     """A frozen linear plus stacked LoRA experts, mixed per token by the gates in ``slot``.
 
     ``forward`` takes the fast path (DESIGN §4, measured in docs/performance.md): column gates
-    once per layer, one shrink GEMM per group of siblings sharing the input, and no separate
-    add: with ``add_into = "base"`` (default, faster on both measured shapes) the frozen base
-    GEMM accumulates onto the expand's output in its epilogue (``out = h_g B^T; out += x W0^T``,
-    beta=1); with ``"expand"`` the expand GEMM accumulates onto the base output instead
-    (``y = x W0^T; y += h_g B^T``). It equals ``reference_forward`` up to floating-point
-    rounding (tested).
+    once per layer, one shrink per group of siblings sharing the input (:class:`LinearGroup`),
+    and no separate add. ``add_into`` picks where the expert delta joins the base output:
+
+    - ``"fold"`` (default): inside the base GEMMs, through the group's fused matrices (the
+      leader's GEMM also computes the shrinks, the others run over ``[x | h_g]``): no shrink
+      GEMM and one expand per group. It trades a little work for fewer kernel launches, which
+      pays only where launches dominate: calls of at most ``fold_max_tokens`` tokens (decoding)
+      on the devices in ``fold_device_types``. Longer calls take ``"base"`` (the fused
+      matrices' odd shapes, say 14336+64 outputs, make cuBLAS's large GEMMs 15 % slower), and
+      so do CPUs (no launch cost to save);
+    - ``"base"``: the frozen base GEMM accumulates onto the expand's output in its epilogue
+      (``out = h_g B^T; out += x W0^T``, beta=1);
+    - ``"expand"``: the expand GEMM accumulates onto the base output (``y = x W0^T; y += h_g B^T``).
+
+    Every path equals ``reference_forward`` up to floating-point rounding (tested).
     """
 
-    add_into = "base"  # class-wide: which GEMM's epilogue adds the two terms ("base" | "expand")
+    add_into = "fold"  # class-wide: where the expert delta is added (one of ADD_INTO)
+    fold_max_tokens = 128  # "fold" for calls of at most this many tokens, "base" above (measured on the H200)
+    fold_device_types = ("cuda",)  # where "fold" applies (docs/performance.md: slower on a CPU)
 
     def __init__(
         self,
@@ -245,7 +334,7 @@ class GatedLoraLinear(nn.Module):
         self.register_buffer("column_expert", column_expert.to(device), persistent=False)  # (R,) expert of column
         self.register_buffer("column_scale", column_scale.to(device), persistent=False)  # (R,) s_i, float32
         self.pattern = pattern  # modules with equal (column_expert, column_scale) share an id: G computed once
-        self.group: ShrinkGroup | None = None
+        self.group: LinearGroup | None = None
         self.group_index = 0
 
     @property
@@ -277,29 +366,44 @@ class GatedLoraLinear(nn.Module):
         if not slot.fast:
             return self.reference_forward(x)
         g = slot.column_gates(self, x.dtype)  # (..., R)
-        if self.group is not None and not self.lora_A.requires_grad:
-            h = self.group.gated_shrink(x, g, self.group_index)  # (..., R), a column slice
+        group = self.group if not self.lora_A.requires_grad else None
+        if group is not None and self.add_into == "fold" and self._folds(x):
+            out = group.folded(x, g, self.group_index)
+            if out is not None:
+                return out
+        if group is not None and len(group.members) > 1:
+            h = group.gated_shrink(x, g, self.group_index)  # (..., R), a column slice
         else:
             h = gated_shrink(x, self.lora_A, g, 1)
         w0, bias = self.base.weight, self.base.bias
         if not _same_dtype(x, w0, self.lora_B, h):
             return self.base(x) + F.linear(h, self.lora_B)  # mixed precision: let autocast cast
         h2 = h.reshape(-1, h.shape[-1])  # (B*T, R)
-        if self.add_into == "base":
-            x2 = x.reshape(-1, x.shape[-1])  # (B*T, d_in)
-            out = torch.mm(h2, self.lora_B.t()) if bias is None else torch.addmm(bias, h2, self.lora_B.t())
-            out.addmm_(x2, w0.t())  # the base GEMM adds onto the expert delta in its epilogue (beta=1)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        y = self.base(x)  # the base model's own GEMM, untouched
-        y.view(-1, y.shape[-1]).addmm_(h2, self.lora_B.t())  # the expand GEMM adds onto it (beta=1)
-        return y
+        if self.add_into == "expand":
+            y = self.base(x)  # the base model's own GEMM, untouched
+            y.view(-1, y.shape[-1]).addmm_(h2, self.lora_B.t())  # the expand GEMM adds onto it (beta=1)
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # (B*T, d_in)
+        out = torch.mm(h2, self.lora_B.t()) if bias is None else torch.addmm(bias, h2, self.lora_B.t())
+        out.addmm_(x2, w0.t())  # the base GEMM adds onto the expert delta in its epilogue (beta=1)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        """Whether the fused matrices compute this call: few tokens on a GPU, nothing in them trains, one dtype."""
+        pays = x.device.type in self.fold_device_types and x.numel() <= self.fold_max_tokens * x.shape[-1]
+        frozen = not (self.lora_B.requires_grad or self.base.weight.requires_grad)
+        return pays and frozen and _same_dtype(x, self.lora_A, self.base.weight)
 
 
 def gated_shrink(x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, members: int) -> torch.Tensor:
     """``(x A^T) * G`` (..., members*R), ``G`` (..., R) repeated over the ``members`` row blocks of ``A``."""
-    h = F.linear(x, a)
+    return gate_columns(F.linear(x, a), g, members)
+
+
+def gate_columns(h: torch.Tensor, g: torch.Tensor, members: int) -> torch.Tensor:
+    """``h * G`` for shrink outputs ``h`` (..., members*R), ``G`` (..., R) repeated over the member blocks."""
     if members > 1:
-        return (h.unflatten(-1, (members, a.shape[0] // members)) * g.unsqueeze(-2)).flatten(-2)
+        return (h.unflatten(-1, (members, h.shape[-1] // members)) * g.unsqueeze(-2)).flatten(-2)
     return h * g
 
 
@@ -310,11 +414,12 @@ def _same_dtype(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == x.dtype
 
 
-# Siblings that HF decoders call on the same input tensor; ShrinkGroup checks identity at run time.
+# Siblings that HF decoders call on the same input tensor; LinearGroup checks identity at run time.
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
-def _group_siblings(gated: dict[str, GatedLoraLinear]) -> None:
+def _group_linears(gated: dict[str, GatedLoraLinear]) -> None:
+    """One :class:`LinearGroup` per set of siblings with the same expert columns, one per other linear."""
     for name, module in gated.items():
         parent, _, leaf = name.rpartition(".")
         for siblings in SHARED_INPUT_SIBLINGS:
@@ -330,9 +435,10 @@ def _group_siblings(gated: dict[str, GatedLoraLinear]) -> None:
                 for m in members
             )
             if len(members) > 1 and uniform:
-                group = ShrinkGroup(members)
-                for i, m in enumerate(members):
-                    m.group, m.group_index = group, i
+                LinearGroup(members)
+    for module in gated.values():
+        if module.group is None:
+            LinearGroup([module])
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -460,7 +566,7 @@ def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSetting
         _replace_module(model, module_name, gated)
         gated_modules[module_name] = gated
 
-    _group_siblings(gated_modules)
+    _group_linears(gated_modules)
     model.requires_grad_(False)
     mixse.to(next(model.parameters()).device)
     model.mixse = mixse  # registers the router as a submodule: .to(), state_dict(), parameters()
