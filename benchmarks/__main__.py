@@ -17,7 +17,7 @@ import torch
 from benchmarks import e1_prefill, e2_router, e3_expert, e4_decode, e5_selfgen, kernels
 from benchmarks.common import (
     Settings,
-    apply_decode_args,
+    apply_cli_args,
     console,
     environment,
     free_memory,
@@ -71,7 +71,7 @@ def main() -> None:
     if args.quick:
         settings = quick(settings)
     settings.sweep = not args.no_sweep
-    apply_decode_args(settings, args)
+    apply_cli_args(settings, args)
     results: dict[str, Any] = {"environment": environment(), "command": " ".join(["python -m benchmarks", *_argv()])}
     ceilings = measure_ceilings(device) if device == "cuda" else None
     if ceilings:

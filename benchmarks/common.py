@@ -164,6 +164,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (a smoke test, not numbers)")
     p.add_argument("--decode-batches", default=None, help="E4 batch sizes, e.g. 1,8,32,128")
     p.add_argument("--decode-compile", action="store_true", help="E4: also time compiled decode steps (slow to build)")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (X-LoRA, the per-expert loop, PEFT LoRA)")
     return p
 
 
@@ -172,7 +173,7 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
     s = Settings(device=device, iters=args.iters, **overrides)
     if args.quick:
         s = quick(s)
-    apply_decode_args(s, args)
+    apply_cli_args(s, args)
     if args.shape:
         s.shape = args.shape
     if device == "cpu" and s.dtype == "bfloat16" and not args.quick:
@@ -180,10 +181,11 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
     return s
 
 
-def apply_decode_args(s: Settings, args: argparse.Namespace) -> None:
+def apply_cli_args(s: Settings, args: argparse.Namespace) -> None:
     if args.decode_batches:
         s.decode_batches = tuple(int(b) for b in args.decode_batches.split(","))
     s.decode_compile = args.decode_compile
+    s.peers = s.peers and not args.no_peers
 
 
 def quick(s: Settings) -> Settings:

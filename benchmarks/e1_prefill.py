@@ -22,7 +22,7 @@ from benchmarks.shapes import random_experts, slice_experts
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
 from selfmoe.models.graphed import GraphedLM
-from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
+from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
 
 SWEEP_N, SWEEP_R, SWEEP_K = (4, 8, 16), (8, 16, 64), (1, 2)
 NO_GRAPHS = "CUDA graphs need a GPU: the graphed variants were skipped on this device"
@@ -77,13 +77,13 @@ def run(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens_per_forward": tokens, "batch": s.prefill_batch, "seq_len": s.prefill_len}
     numerics: dict[str, Any] = {}
     default = GatedLoraLinear.add_into
-    other = "expand" if default == "base" else "base"
+    others = [e for e in ADD_INTO if e != default]
 
     mixse = make_mixse(ctx.model, ctx.experts, settings)
     variants = {
         "base": forward_fn(ctx.model, ids),
         "mixse": _Path(mixse, ids, True, default),
-        f"mixse-add{other}": _Path(mixse, ids, True, other),
+        **{f"mixse-add{e}": _Path(mixse, ids, True, e) for e in others},
         "mixse-ref": _Path(mixse, ids, False, default),
     }
     lora = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name]) if s.peers else None
@@ -113,8 +113,9 @@ def run(ctx: Context) -> dict[str, Any]:
     reference = logits(mixse, check)
     mixse.mixse.fast = True
     numerics["mixse_fast_vs_reference_path"] = compare_logits(fast, reference)
-    GatedLoraLinear.add_into = other
-    numerics[f"mixse_add{other}_vs_reference_path"] = compare_logits(logits(mixse, check), reference)
+    for e in others:
+        GatedLoraLinear.add_into = e
+        numerics[f"mixse_add{e}_vs_reference_path"] = compare_logits(logits(mixse, check), reference)
     GatedLoraLinear.add_into = default
     numerics["mixse_vs_base"] = compare_logits(fast, logits(ctx.model, check))  # the experts do change the output
     # The bf16 noise floor: the same base model and tokens, computed alone vs inside a batch of two

@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import Context, cli_main, free_memory, guarded, timing_table
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import make_loop, make_lora, make_mixse, make_xlora, trainable
-from selfmoe.models.mixse import GatedLoraLinear, RouterSettings
+from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -59,7 +59,6 @@ def run(ctx: Context) -> dict[str, Any]:
     settings = RouterSettings(top_k=s.top_k)
     trainable_counts: dict[str, int] = {}
     default = GatedLoraLinear.add_into
-    other = "expand" if default == "base" else "base"
 
     mixse = make_mixse(ctx.model, ctx.experts, settings)
     assert [n for n, p in mixse.named_parameters() if p.requires_grad] == ["mixse.router.weight"]
@@ -68,7 +67,7 @@ def run(ctx: Context) -> dict[str, Any]:
     steps = {
         "base": train_step(ctx.model, ids, []),
         "mixse": _on_path(mixse, train_step(mixse, ids, router), True, default),
-        f"mixse-add{other}": _on_path(mixse, train_step(mixse, ids, router), True, other),
+        **{f"mixse-add{e}": _on_path(mixse, train_step(mixse, ids, router), True, e) for e in ADD_INTO if e != default},
         "mixse-ref": _on_path(mixse, train_step(mixse, ids, router), False, default),
     }
     if s.peers:

@@ -19,7 +19,7 @@ from benchmarks.decode import DecodeRunner, no_cache_step_time
 from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
 from benchmarks.timing import Timing
 from benchmarks.variants import compare_logits, make_loop, make_lora, make_mixse, make_xlora
-from selfmoe.models.mixse import RouterSettings
+from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
 
 
 def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
@@ -32,17 +32,26 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
         models["loop"] = make_loop(ctx.model, ctx.experts, settings)
     out: dict[str, Any] = {"context": s.decode_context, "graphs": graphs, "batches": {}}
     weights = weight_bytes_per_step(ctx.model)
+    default = GatedLoraLinear.add_into
+    others = [f"mixse-add{e}" for e in ADD_INTO if e != default]
     for batch in s.decode_batches:
         row: dict[str, Any] = {}
         timings: dict[str, Timing] = {}
         cache = None
 
         def measure(
-            name: str, model: torch.nn.Module, graph: bool, fast: bool = True, batch=batch, timings=timings
+            name: str,
+            model: torch.nn.Module,
+            graph: bool,
+            fast: bool = True,
+            add_into: str = default,
+            batch=batch,
+            timings=timings,
         ) -> dict[str, Any]:
             nonlocal cache
             if hasattr(model, "mixse"):
                 model.mixse.fast = fast
+            GatedLoraLinear.add_into = add_into  # a graph records it at capture; eager steps read it each call
             runner = DecodeRunner(
                 model, batch, s.decode_context, max_steps=s.decode_iters + 8, graph=graph, cache=cache
             )
@@ -51,6 +60,7 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
                 timings[name] = runner.time(iters=s.decode_iters, warmup=s.warmup)
             finally:
                 runner.close()
+                GatedLoraLinear.add_into = default
                 if hasattr(model, "mixse"):
                     model.mixse.fast = True
             return {}
@@ -60,17 +70,21 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
         if s.decode_compile:
             kinds.append(("compiled", graphs))
         for kind, graph in kinds:
-            for name in ("base", "mixse", "mixse-ref", "lora"):
-                if kind != "graph" and name in ("mixse-ref", "lora"):
-                    continue  # eager and compiled rows: the base and MiXSE only (device time)
-                model = models.get("mixse" if name == "mixse-ref" else name)
+            for name in ("base", "mixse", *others, "mixse-ref", "lora"):
+                if kind != "graph" and name not in ("base", "mixse", "mixse-addfold"):
+                    continue  # eager and compiled rows: the base and MiXSE (default, fold) only (device time)
+                model = models.get("mixse" if name.startswith("mixse") else name)
                 if model is None:
                     continue
                 if kind == "compiled":
                     # What StaticDecoder does with data.compile: the compiled step, then its graph.
                     model = torch.compile(model, dynamic=False)
                 row_name = f"{name}/{kind}"
-                err = guarded(row_name, lambda m=model, n=row_name, g=graph, f=name != "mixse-ref": measure(n, m, g, f))
+                add_into = name.removeprefix("mixse-add") if name in others else default
+                err = guarded(
+                    row_name,
+                    lambda m=model, n=row_name, g=graph, f=name != "mixse-ref", a=add_into: measure(n, m, g, f, a),
+                )
                 if err:
                     row.setdefault("errors", {})[row_name] = err
         if "loop" in models:

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import Context, cli_main, table
 from benchmarks.decode import DecodeRunner
 from benchmarks.variants import make_mixse
-from selfmoe.models.mixse import RouterSettings
+from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
 
 
 def kernel_profile(fn, device: torch.device) -> dict[str, Any]:
@@ -48,10 +48,14 @@ def run(ctx: Context) -> dict[str, Any]:
     mixse = make_mixse(ctx.model, ctx.experts, RouterSettings(top_k=s.top_k))
     ids = ctx.input_ids(s.prefill_batch, s.prefill_len)  # the E1 forward
     out: dict[str, Any] = {"layers": layers}
+    default = GatedLoraLinear.add_into
     for phase in ("decode", "prefill"):
         rows = {}
-        for name, model, fast in (("base", ctx.model, True), ("mixse", mixse, True), ("mixse-ref", mixse, False)):
-            mixse.mixse.fast = fast
+        variants = [("base", ctx.model, True, default), ("mixse", mixse, True, default)]
+        variants += [(f"mixse-add{e}", mixse, True, e) for e in ADD_INTO if e != default]
+        variants.append(("mixse-ref", mixse, False, default))
+        for name, model, fast, add_into in variants:
+            mixse.mixse.fast, GatedLoraLinear.add_into = fast, add_into
             if phase == "decode":
                 runner = DecodeRunner(model, 1, s.decode_context, max_steps=8)
                 prof = kernel_profile(runner.step, ctx.device)
@@ -59,8 +63,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 prof = kernel_profile(lambda m=model: _forward(m, ids), ctx.device)
             prof["kernels_per_layer"] = prof["kernels"] / layers
             rows[name] = prof
-        mixse.mixse.fast = True
-        for name in ("mixse", "mixse-ref"):
+        mixse.mixse.fast, GatedLoraLinear.add_into = True, default
+        for name in (v[0] for v in variants[1:]):
             extra_ms = Counter(rows[name]["ms_by_name"])
             extra_ms.subtract(rows["base"]["ms_by_name"])
             rows[name]["extra_ms_by_name"] = {k: round(v, 4) for k, v in extra_ms.most_common(25)}
