@@ -76,6 +76,8 @@ def test_topk_mask_by_hand():
         topk_mask(probs, 2, renormalize=True), torch.tensor([[0.0, 2 / 3, 1 / 3], [0.625, 0.0, 0.375]])
     )
     torch.testing.assert_close(topk_mask(probs, 3), probs)
+    tied = torch.tensor([[0.4, 0.4, 0.2]])
+    assert [int((topk_mask(tied, k) > 0).sum()) for k in (1, 2)] == [1, 2]  # exactly k experts, ties or not
 
 
 def test_gates_from_logits_softmax_first_then_mask_in_float32():
