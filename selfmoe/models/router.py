@@ -44,9 +44,7 @@ def topk_mask(probs: torch.Tensor, k: int, renormalize: bool = False) -> torch.T
     if k >= probs.shape[-1]:
         gates = probs
     else:
-        # The values are the gathered probabilities: no extra gather. For k=1 a max reduction is one
-        # cheap kernel where top-k's is 4 us per call while decoding (docs/performance.md, E4).
-        values, idx = probs.max(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
+        values, idx = probs.topk(k, dim=-1)  # the values are the gathered probabilities: no extra gather
         gates = torch.zeros_like(probs).scatter_(-1, idx, values)  # in place: no copy of the zeros
     if renormalize:
         gates = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
