@@ -104,6 +104,19 @@ def load_base(cfg: Config, *, device: str | torch.device = "cpu") -> tuple[PreTr
     return model.to(device), tokenizer
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM (``model.get_decoder().layers``), also when PEFT wraps it."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SelfMoEError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers).")
+    return layers
+
+
 def model_id(cfg: Config) -> str:
     """What the manifests record as the base model: the hub id/dir, or the tiny model's hash."""
     if cfg.model.path == TINY:

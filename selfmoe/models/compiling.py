@@ -23,18 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import PeftModel
 from torch import nn
 
 from selfmoe.errors import SelfMoEError
-from selfmoe.models.mixse import _decoder_layers
+from selfmoe.models.base import decoder_layers
 
 __all__ = ["compile_decoder_layers", "decoder_layers"]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM, also when PEFT wraps it."""
-    return _decoder_layers(model.get_base_model() if isinstance(model, PeftModel) else model)
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> int:

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from selfmoe.errors import DataError, SelfMoEError
 from selfmoe.models.adapter import ADAPTER_FILES, check_fits, read_lora
+from selfmoe.models.base import decoder_layers
 from selfmoe.models.router import GateSpec, Router, gates_from_logits
 
 ROUTER_FILE, EXPERTS_FILE, MIXSE_FILE = "router.safetensors", "experts.safetensors", "mixse.json"
@@ -441,14 +442,6 @@ def _group_linears(gated: dict[str, GatedLoraLinear]) -> None:
             LinearGroup([module])
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise SelfMoEError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers).")
-    return layers
-
-
 class MiXSE(nn.Module):
     """The router(s) and routing state of a MiXSE model, registered at ``model.mixse``."""
 
@@ -519,7 +512,7 @@ def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSetting
         raise SelfMoEError("MiXSE needs at least one expert (router.experts is empty).")
     if hasattr(model, "mixse"):
         raise SelfMoEError("this model is already a MiXSE model; build from a fresh base model.")
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layer_of = {id(layer): i for i, layer in enumerate(layers)}
     layer_names = {name: layer_of[id(m)] for name, m in model.named_modules() if id(m) in layer_of}
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
