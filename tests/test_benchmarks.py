@@ -181,6 +181,21 @@ def test_in_place_expert_updates_and_moves_reach_the_fast_path(experts, ids, add
     assert q.group.stacked.dtype == torch.float64 and q.base.weight.data_ptr() == q.group.cats[0].data_ptr()
 
 
+@pytest.mark.parametrize("add_into", ["base", "fold"])
+def test_a_layout_redone_under_inference_mode_still_trains(experts, ids, add_into, monkeypatch):
+    """Lightning validates under inference mode before it trains: the first call after a move may lay
+    the matrices out there, and the parameters (their views) must still be usable by autograd."""
+    monkeypatch.setattr(GatedLoraLinear, "add_into", add_into)
+    model = build_mixse(build_model("tiny", "cpu", torch.float32), experts, RouterSettings(top_k=2))
+    model.to(torch.float64)
+    with torch.inference_mode():
+        model(input_ids=ids)
+    q = model.model.layers[0].self_attn.q_proj
+    assert not q.group.lead.is_inference() and not q.base.weight.is_inference()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.mixse.router.weight.grad.abs().sum() > 0
+
+
 def test_fold_with_biases_equals_reference(monkeypatch):
     """Qwen-style q/k/v biases and MLP biases: the leader's bias is padded with zeros for the shrink columns."""
     monkeypatch.setattr(GatedLoraLinear, "add_into", "fold")

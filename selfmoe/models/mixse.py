@@ -193,7 +193,11 @@ class LinearGroup:
         self._shared: tuple[torch.Tensor, ...] = ()
         self._left = 0
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _layout(self) -> None:
+        # Normal tensors even when the first call after a move runs under inference mode (a
+        # validation loop): the parameters become views of them and may be saved for backward later.
         members, r, lead = self.members, self.rank, self.members[self.leader]
         m_r, d_in, out = len(members) * r, lead.in_features, lead.out_features
         fused = torch.cat([lead.base.weight.detach()] + [m.lora_A.detach() for m in members], 0)
