@@ -1,7 +1,8 @@
 """Where the time goes: device kernels per decoder layer and their time, from torch.profiler.
 
 Profiles one eager decode step (batch 1) and one prefill forward of the base, MiXSE's fast path
-and its reference path; reports kernels per layer and the kernels MiXSE adds, by name.
+(the default epilogue and each other one in ``ADD_INTO``) and its reference path; reports
+kernels per layer and the kernels MiXSE adds, by name.
 """
 
 from __future__ import annotations
