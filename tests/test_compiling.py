@@ -22,7 +22,8 @@ from transformers import LlamaForCausalLM
 from selfmoe.artifacts import Layout
 from selfmoe.config import LINEAR_TARGETS, load_config
 from selfmoe.errors import SelfMoEError
-from selfmoe.models.compiling import compile_decoder_layers, decoder_layers
+from selfmoe.models.base import decoder_layers
+from selfmoe.models.compiling import compile_decoder_layers
 from selfmoe.models.lora_train import lora_training_model
 from selfmoe.phases import expert
 

@@ -28,7 +28,7 @@ from torch import nn
 from selfmoe.errors import SelfMoEError
 from selfmoe.models.base import decoder_layers
 
-__all__ = ["compile_decoder_layers", "decoder_layers"]
+__all__ = ["compile_decoder_layers"]
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> int:

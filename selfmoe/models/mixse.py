@@ -181,13 +181,13 @@ class LinearGroup:
         self.members = members
         self.rank = members[0].lora_A.shape[0]
         self.leader = min(range(len(members)), key=lambda i: members[i].out_features)
-        for m in members:
+        for i, m in enumerate(members):
             # Own parameter objects: laying out must not touch a model that shares the base's tensors.
             base = m.base
             base.weight = nn.Parameter(base.weight.detach(), requires_grad=base.weight.requires_grad)
             if base.bias is not None:
                 base.bias = nn.Parameter(base.bias.detach(), requires_grad=base.bias.requires_grad)
-            m.group, m.group_index = self, members.index(m)
+            m.group, m.group_index = self, i
         self._layout()
         self._key: tuple[torch.Tensor, torch.Tensor, str] | None = None
         self._shared: tuple[torch.Tensor, ...] = ()
