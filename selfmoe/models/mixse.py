@@ -14,7 +14,9 @@ Router input (``input``): ``layer`` (default) reads the hidden state entering ea
 and every gated linear of that layer uses those gates: one pass, KV cache intact. ``final_hidden``
 is the X-LoRA reading: an adapter-free pass produces each token's final hidden state, which the
 router maps to the gates of every layer; it costs a second pass and needs ``use_cache=False``.
-Scope: one router shared by all layers (the paper) or one per layer.
+Scope: one router shared by all layers (the paper) or one per layer. For inference on a GPU a
+layer's routing (logits, softmax, top-k and the column gates) is one Triton kernel
+(:mod:`selfmoe.models.routing_kernel`); training and CPUs route in torch.
 
 The model stays a ``transformers`` model (``generate()``, the KV cache and lm-eval's HFLM work
 unchanged): linears are replaced in place and the router lives at ``model.mixse``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from torch.nn import functional as F
 
 from selfmoe.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from selfmoe.errors import DataError, SelfMoEError
+from selfmoe.models import routing_kernel
 from selfmoe.models.adapter import ADAPTER_FILES, check_fits, read_lora
 from selfmoe.models.base import decoder_layers
 from selfmoe.models.router import GateSpec, Router, gates_from_logits
@@ -136,6 +140,12 @@ class RoutingSlot:
         self.fast = True  # False: every gated linear takes the reference path (tests, benchmarks)
         self._column_gates: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._column_gates_of: torch.Tensor | None = None  # the gates the cached column gates belong to
+        self.columns_of: GatedLoraLinear | None = None  # a linear of the layer's most common column pattern
+
+    def prime(self, gates: torch.Tensor, columns: torch.Tensor) -> None:
+        """Cache ``columns``, computed with ``gates`` by the fused routing kernel, for ``columns_of``'s pattern."""
+        self._column_gates_of = gates
+        self._column_gates = {(self.columns_of.pattern, columns.dtype): columns}
 
     def column_gates(self, module: GatedLoraLinear, dtype: torch.dtype) -> torch.Tensor:
         """``G`` (..., R) in ``dtype``: each column's expert gate times its scale, for ``module``'s columns."""
@@ -449,6 +459,10 @@ def _group_linears(gated: dict[str, GatedLoraLinear]) -> None:
 class MiXSE(nn.Module):
     """The router(s) and routing state of a MiXSE model, registered at ``model.mixse``."""
 
+    # Measured on the H200 (docs/performance.md): the kernel wins while decoding (up to 128
+    # tokens) and loses about 1 % to torch's chain of kernels when scoring 2,048 tokens.
+    fused_routing_max_tokens = 128
+
     def __init__(self, experts: list[str], hidden_size: int, num_layers: int, settings: RouterSettings) -> None:
         super().__init__()
         self.experts = list(experts)
@@ -462,6 +476,9 @@ class MiXSE(nn.Module):
             if name not in self.experts:
                 raise SelfMoEError(f"router.mode={settings.mode!r}: no expert {name!r}; experts are {self.experts}.")
             self.fixed = self.experts.index(name)
+        # The Triton routing kernel where it applies (GPU inference, learned router, calls of at
+        # most fused_routing_max_tokens tokens); False: torch.
+        self.fused_routing = True
         self.record = False
         self.records: list[RoutingRecord | None] = [None] * num_layers
         # With collect_aux on, each layer's (probs, gates) are kept with their graph (aux losses).
@@ -485,11 +502,29 @@ class MiXSE(nn.Module):
         if self.collect_aux:
             self.aux_records[layer] = (probs, gates)
 
+    def _fused_route(self, hidden: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(probs, gates)`` from the Triton routing kernel, which also fills the layer's column
+        gates; None where it does not apply (autograd, a CPU, many tokens, switched off)."""
+        slot, weight = self.slots[layer], self.router.layer_weight(layer)
+        few = hidden.numel() <= self.fused_routing_max_tokens * hidden.shape[-1]
+        if not (self.fused_routing and few and slot.fast and slot.columns_of is not None):
+            return None
+        if not routing_kernel.available(hidden, weight):
+            return None
+        spec, source = self.spec, slot.columns_of
+        probs, gates, columns = routing_kernel.fused_route(
+            hidden, weight, spec.k, spec.renormalize, spec.temperature,
+            source.column_expert, source.column_scale, hidden.dtype,
+        )  # fmt: skip
+        slot.prime(gates, columns)
+        return probs, gates
+
     def route(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """Gates (..., N) float32 for hidden states (..., H) entering ``layer``."""
         mode, n = self.settings.mode, len(self.experts)
         if mode == "learned":
-            probs, gates = gates_from_logits(self.router(hidden, layer), self.spec)
+            routed = self._fused_route(hidden, layer)
+            probs, gates = routed if routed is not None else gates_from_logits(self.router(hidden, layer), self.spec)
         elif mode == "random":
             probs, gates = gates_from_logits(torch.randn(*hidden.shape[:-1], n, device=hidden.device), self.spec)
         elif mode == "uniform":
@@ -564,6 +599,11 @@ def build_mixse(model: nn.Module, experts: list[Expert], settings: RouterSetting
         gated_modules[module_name] = gated
 
     _group_linears(gated_modules)
+    for slot in mixse.slots:
+        layer_linears = [m for m in gated_modules.values() if m.slot is slot]
+        if layer_linears:
+            common = Counter(m.pattern for m in layer_linears).most_common(1)[0][0]
+            slot.columns_of = next(m for m in layer_linears if m.pattern == common)
     model.requires_grad_(False)
     mixse.to(next(model.parameters()).device)
     model.mixse = mixse  # registers the router as a submodule: .to(), state_dict(), parameters()

@@ -96,9 +96,13 @@ class Router(nn.Module):
     def num_routers(self) -> int:
         return self.weight.shape[0]
 
+    def layer_weight(self, layer: int = 0) -> torch.Tensor:
+        """``W_r`` (N, H) of ``layer``."""
+        return self.weight[layer if self.num_routers > 1 else 0]
+
     def forward(self, hidden: torch.Tensor, layer: int = 0) -> torch.Tensor:
         """Logits (..., N) in float32 for hidden states (..., H)."""
-        w = self.weight[layer if self.num_routers > 1 else 0]
+        w = self.layer_weight(layer)
         if low_precision_logits(hidden, w):
             # The operands autocast would give the GEMM (bf16 hidden, weights rounded to bf16),
             # accumulated and returned in float32 on tensor cores: no float32 copy of the hidden

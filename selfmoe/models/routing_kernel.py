@@ -1,0 +1,142 @@
+"""One fused kernel per layer for MiXSE's inference routing (Triton, GPUs only).
+
+Routing a layer in torch takes ten small kernels (the router GEMV and its weight cast, softmax,
+top-k, zeros, scatter, then the gather and scale of the column gates); while decoding from a CUDA
+graph they cost about 0.5 ms per step on Llama-3-8B (docs/performance.md, E4). This kernel does
+the whole chain for a block of tokens in one launch::
+
+    logits = hidden W_r^T (float32 accumulate)   probs = softmax(logits / T)
+    gates  = top-k of probs (ties: lowest index), optionally renormalised
+    columns[c] = gates[column_expert[c]] * column_scale[c], rounded once into the compute dtype
+
+which is :func:`selfmoe.models.router.gates_from_logits` on float32 logits followed by
+:meth:`selfmoe.models.mixse.RoutingSlot.column_gates` (tested against both). The weights are
+read in their own precision (float32 for a trained router), so the logits are the float32
+reference's up to summation order.
+
+Used only for inference (no autograd) on CUDA where Triton imports; everything else takes the
+torch path. ``TRITON_INTERPRET=1`` runs it on CPU tensors (the tests do, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path does the routing
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it when the kernel is defined
+
+
+def available(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fused_route` may route ``hidden``: Triton present, a GPU (or the interpreter), no autograd."""
+    if triton is None or not (hidden.is_cuda or INTERPRET):
+        return False
+    return not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+
+
+def fused_route(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    temperature: float,
+    column_expert: torch.Tensor,
+    column_scale: torch.Tensor,
+    column_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs, gates, columns)`` for ``hidden`` (..., H) and router weights ``weight`` (N, H).
+
+    ``probs`` and ``gates`` are float32 (..., N); ``columns`` (..., R) in ``column_dtype`` holds
+    each LoRA column's gate times its expert's scale. ``top_k`` >= N keeps every expert.
+    """
+    n, width = weight.shape
+    rows = hidden.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    weight = weight.contiguous()
+    tokens, columns = rows.shape[0], column_expert.numel()
+    probs = torch.empty(tokens, n, device=rows.device, dtype=torch.float32)
+    gates = torch.empty_like(probs)
+    cols = torch.empty(tokens, columns, device=rows.device, dtype=column_dtype)
+    # Few tokens (decoding): a token per program, so a batch-1 step is one short program. Many
+    # (prefill): 8 tokens per program share each loaded block of the router weights.
+    block_t = 1 if tokens <= 128 else 8
+    block_n = triton.next_power_of_2(n)
+    block_h = max(16, 2048 // (block_t * block_n))  # ~2K accumulators per program: no register spills
+    _route_kernel[(triton.cdiv(tokens, block_t),)](
+        rows, weight, column_expert, column_scale, probs, gates, cols,
+        tokens, width, n, columns, rows.stride(0), float(temperature),
+        TOP_K=min(top_k, n), DENSE=top_k >= n, RENORMALIZE=renormalize,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=triton.next_power_of_2(columns),
+    )  # fmt: skip
+    lead = hidden.shape[:-1]
+    return probs.view(*lead, n), gates.view(*lead, n), cols.view(*lead, columns)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(
+        hidden_ptr, weight_ptr, expert_ptr, scale_ptr, probs_ptr, gates_ptr, cols_ptr,
+        tokens, width, n, columns, stride_t, temperature,
+        TOP_K: tl.constexpr, DENSE: tl.constexpr, RENORMALIZE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        e = tl.arange(0, BLOCK_N)
+        t_ok, e_ok = t < tokens, e < n
+
+        # Logits: a (tokens x N) product reduced over the hidden width, in float32 registers.
+        acc = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_H], dtype=tl.float32)
+        for start in range(0, width, BLOCK_H):
+            h = start + tl.arange(0, BLOCK_H)
+            h_ok = h < width
+            x = tl.load(hidden_ptr + t[:, None] * stride_t + h[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0)
+            w = tl.load(weight_ptr + e[:, None] * width + h[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        logits = tl.sum(acc, axis=2) / temperature  # (BLOCK_T, BLOCK_N)
+        logits = tl.where(e_ok[None, :], logits, float("-inf"))
+
+        # Softmax over the experts, as torch computes it: exp(l - max) / sum.
+        shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probs = shifted / tl.sum(shifted, axis=1)[:, None]
+
+        if DENSE:
+            gates = probs
+        else:
+            # Top-k by k rounds of arg-max (lowest index on ties); padding experts never win.
+            left = tl.where(e_ok[None, :], probs, -1.0)
+            chosen = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.int1)
+            for _ in tl.static_range(TOP_K):
+                best = tl.max(left, axis=1)
+                pick = tl.min(tl.where(left == best[:, None], e[None, :], BLOCK_N), axis=1)
+                hit = e[None, :] == pick[:, None]
+                chosen = chosen | hit
+                left = tl.where(hit, -2.0, left)
+            gates = tl.where(chosen, probs, 0.0)
+        if RENORMALIZE:
+            gates = gates / tl.maximum(tl.sum(gates, axis=1), 1.1754943508222875e-38)[:, None]
+
+        out = t[:, None] * n + e[None, :]
+        keep = t_ok[:, None] & e_ok[None, :]
+        tl.store(probs_ptr + out, probs, mask=keep)
+        tl.store(gates_ptr + out, gates, mask=keep)
+
+        # Column gates: each LoRA column takes its expert's gate times the expert's scale.
+        c = tl.arange(0, BLOCK_R)
+        c_ok = c < columns
+        expert = tl.load(expert_ptr + c, mask=c_ok, other=-1)
+        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+        picked = tl.sum(tl.where(expert[None, :, None] == e[None, None, :], gates[:, None, :], 0.0), axis=2)
+        col = picked * scale[None, :]
+        tl.store(
+            cols_ptr + t[:, None] * columns + c[None, :],
+            col.to(cols_ptr.dtype.element_ty),
+            mask=t_ok[:, None] & c_ok[None, :],
+        )
