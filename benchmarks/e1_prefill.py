@@ -20,9 +20,18 @@ import torch
 from benchmarks.common import Context, cli_main, console, free_memory, guarded, table, timing_table
 from benchmarks.shapes import random_experts, slice_experts
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
-from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_lora, make_mixse, make_xlora
+from benchmarks.variants import (
+    MixsePath,
+    compare_logits,
+    copy_router_into_xlora,
+    make_loop,
+    make_lora,
+    make_mixse,
+    make_xlora,
+    mixse_paths,
+)
 from selfmoe.models.graphed import GraphedLM
-from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
+from selfmoe.models.mixse import RouterSettings
 
 SWEEP_N, SWEEP_R, SWEEP_K = (4, 8, 16), (8, 16, 64), (1, 2)
 NO_GRAPHS = "CUDA graphs need a GPU: the graphed variants were skipped on this device"
@@ -53,19 +62,15 @@ def replay_fn(graphed: GraphedLM, ids: torch.Tensor) -> Callable[[], None]:
     return fwd
 
 
-class _Path:
-    """A forward of one MiXSE model on one path (fast with either epilogue, or the reference)."""
+def path_fn(model: torch.nn.Module, ids: torch.Tensor, path: MixsePath) -> Callable[[], None]:
+    """A forward of MiXSE ``model`` on ``path``."""
+    fwd = forward_fn(model, ids)
 
-    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, fast: bool, add_into: str) -> None:
-        self.model, self.fast, self.add_into, self.fwd = model, fast, add_into, forward_fn(model, ids)
+    def run() -> None:
+        with path.on(model):
+            fwd()
 
-    def __call__(self) -> None:
-        previous = GatedLoraLinear.add_into
-        self.model.mixse.fast, GatedLoraLinear.add_into = self.fast, self.add_into
-        try:
-            self.fwd()
-        finally:
-            self.model.mixse.fast, GatedLoraLinear.add_into = True, previous
+    return run
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -76,16 +81,9 @@ def run(ctx: Context) -> dict[str, Any]:
     settings = RouterSettings(top_k=s.top_k)
     out: dict[str, Any] = {"tokens_per_forward": tokens, "batch": s.prefill_batch, "seq_len": s.prefill_len}
     numerics: dict[str, Any] = {}
-    default = GatedLoraLinear.add_into
-    others = [e for e in ADD_INTO if e != default]
-
     mixse = make_mixse(ctx.model, ctx.experts, settings)
-    variants = {
-        "base": forward_fn(ctx.model, ids),
-        "mixse": _Path(mixse, ids, True, default),
-        **{f"mixse-add{e}": _Path(mixse, ids, True, e) for e in others},
-        "mixse-ref": _Path(mixse, ids, False, default),
-    }
+    paths = mixse_paths()
+    variants = {"base": forward_fn(ctx.model, ids), **{k: path_fn(mixse, ids, p) for k, p in paths.items()}}
     lora = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name]) if s.peers else None
     if lora is not None:
         variants["lora"] = forward_fn(lora, ids)
@@ -109,14 +107,13 @@ def run(ctx: Context) -> dict[str, Any]:
         del graphed
 
     fast = logits(mixse, check)
-    mixse.mixse.fast = False
-    reference = logits(mixse, check)
-    mixse.mixse.fast = True
-    numerics["mixse_fast_vs_reference_path"] = compare_logits(fast, reference)
-    for e in others:
-        GatedLoraLinear.add_into = e
-        numerics[f"mixse_add{e}_vs_reference_path"] = compare_logits(logits(mixse, check), reference)
-    GatedLoraLinear.add_into = default
+    with paths["mixse-ref"].on(mixse):
+        reference = logits(mixse, check)
+    for name, path in paths.items():
+        if path.fast:
+            with path.on(mixse):
+                out_logits = logits(mixse, check)
+            numerics[f"{name.replace('-', '_')}_vs_reference_path"] = compare_logits(out_logits, reference)
     numerics["mixse_vs_base"] = compare_logits(fast, logits(ctx.model, check))  # the experts do change the output
     # The bf16 noise floor: the same base model and tokens, computed alone vs inside a batch of two
     # (other GEMM tilings and summation orders). Differences of this size are rounding, not bugs.

@@ -15,8 +15,8 @@ import torch
 
 from benchmarks.common import Context, cli_main, free_memory, guarded, timing_table
 from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
-from benchmarks.variants import make_loop, make_lora, make_mixse, make_xlora, trainable
-from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
+from benchmarks.variants import MixsePath, make_loop, make_lora, make_mixse, make_xlora, mixse_paths, trainable
+from selfmoe.models.mixse import RouterSettings
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -40,14 +40,10 @@ def _time(ctx: Context, model: torch.nn.Module, ids: torch.Tensor, params: list[
     return time_fn(train_step(model, ids, params), device=ctx.device, iters=s.iters, warmup=s.warmup)
 
 
-def _on_path(model: torch.nn.Module, step: Callable[[], None], fast: bool, add_into: str) -> Callable[[], None]:
+def on_path(model: torch.nn.Module, step: Callable[[], None], path: MixsePath) -> Callable[[], None]:
     def run() -> None:
-        previous = GatedLoraLinear.add_into
-        model.mixse.fast, GatedLoraLinear.add_into = fast, add_into
-        try:
+        with path.on(model):
             step()
-        finally:
-            model.mixse.fast, GatedLoraLinear.add_into = True, previous
 
     return run
 
@@ -58,17 +54,13 @@ def run(ctx: Context) -> dict[str, Any]:
     tokens = ids.numel()
     settings = RouterSettings(top_k=s.top_k)
     trainable_counts: dict[str, int] = {}
-    default = GatedLoraLinear.add_into
-
     mixse = make_mixse(ctx.model, ctx.experts, settings)
     assert [n for n, p in mixse.named_parameters() if p.requires_grad] == ["mixse.router.weight"]
     router = trainable(mixse)
     trainable_counts["mixse"] = sum(p.numel() for p in router)
     steps = {
         "base": train_step(ctx.model, ids, []),
-        "mixse": _on_path(mixse, train_step(mixse, ids, router), True, default),
-        **{f"mixse-add{e}": _on_path(mixse, train_step(mixse, ids, router), True, e) for e in ADD_INTO if e != default},
-        "mixse-ref": _on_path(mixse, train_step(mixse, ids, router), False, default),
+        **{k: on_path(mixse, train_step(mixse, ids, router), p) for k, p in mixse_paths(routing=False).items()},
     }
     if s.peers:
         lora = make_lora(ctx.model, ctx.adapter_dirs[ctx.experts[0].name])

@@ -18,8 +18,8 @@ from benchmarks.common import Context, cli_main, free_memory, guarded, table
 from benchmarks.decode import DecodeRunner, no_cache_step_time
 from benchmarks.roofline import decode_roofline_tokens_per_s, weight_bytes_per_step
 from benchmarks.timing import Timing
-from benchmarks.variants import compare_logits, make_loop, make_lora, make_mixse, make_xlora
-from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
+from benchmarks.variants import MixsePath, compare_logits, make_loop, make_lora, make_mixse, make_xlora, mixse_paths
+from selfmoe.models.mixse import RouterSettings
 
 
 def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
@@ -32,37 +32,25 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
         models["loop"] = make_loop(ctx.model, ctx.experts, settings)
     out: dict[str, Any] = {"context": s.decode_context, "graphs": graphs, "batches": {}}
     weights = weight_bytes_per_step(ctx.model)
-    default = GatedLoraLinear.add_into
-    others = [f"mixse-add{e}" for e in ADD_INTO if e != default]
+    paths = mixse_paths()
+    variants = {"base": ("base", MixsePath())} | {k: ("mixse", p) for k, p in paths.items()}
+    variants["lora"] = ("lora", MixsePath())
     for batch in s.decode_batches:
         row: dict[str, Any] = {}
         timings: dict[str, Timing] = {}
         cache = None
 
-        def measure(
-            name: str,
-            model: torch.nn.Module,
-            graph: bool,
-            fast: bool = True,
-            add_into: str = default,
-            batch=batch,
-            timings=timings,
-        ) -> dict[str, Any]:
+        def measure(name: str, model: torch.nn.Module, graph: bool, path: MixsePath, timings=timings, batch=batch):
             nonlocal cache
-            if hasattr(model, "mixse"):
-                model.mixse.fast = fast
-            GatedLoraLinear.add_into = add_into  # a graph records it at capture; eager steps read it each call
-            runner = DecodeRunner(
-                model, batch, s.decode_context, max_steps=s.decode_iters + 8, graph=graph, cache=cache
-            )
-            cache = runner.cache  # one cache per batch size, shared by every variant
-            try:
-                timings[name] = runner.time(iters=s.decode_iters, warmup=s.warmup)
-            finally:
-                runner.close()
-                GatedLoraLinear.add_into = default
-                if hasattr(model, "mixse"):
-                    model.mixse.fast = True
+            with path.on(model):  # a graph records the path at capture; eager steps read it each call
+                runner = DecodeRunner(
+                    model, batch, s.decode_context, max_steps=s.decode_iters + 8, graph=graph, cache=cache
+                )
+                cache = runner.cache  # one cache per batch size, shared by every variant
+                try:
+                    timings[name] = runner.time(iters=s.decode_iters, warmup=s.warmup)
+                finally:
+                    runner.close()
             return {}
 
         kinds = [("graph", True)] if graphs else []
@@ -70,25 +58,21 @@ def run(ctx: Context, *, bytes_per_s: float | None = None) -> dict[str, Any]:
         if s.decode_compile:
             kinds.append(("compiled", graphs))
         for kind, graph in kinds:
-            for name in ("base", "mixse", *others, "mixse-ref", "lora"):
+            for name, (key, path) in variants.items():
                 if kind != "graph" and name not in ("base", "mixse", "mixse-addfold"):
                     continue  # eager and compiled rows: the base and MiXSE (default, fold) only (device time)
-                model = models.get("mixse" if name.startswith("mixse") else name)
+                model = models.get(key)
                 if model is None:
                     continue
                 if kind == "compiled":
                     # What StaticDecoder does with data.compile: the compiled step, then its graph.
                     model = torch.compile(model, dynamic=False)
                 row_name = f"{name}/{kind}"
-                add_into = name.removeprefix("mixse-add") if name in others else default
-                err = guarded(
-                    row_name,
-                    lambda m=model, n=row_name, g=graph, f=name != "mixse-ref", a=add_into: measure(n, m, g, f, a),
-                )
+                err = guarded(row_name, lambda m=model, n=row_name, g=graph, p=path: measure(n, m, g, p))
                 if err:
                     row.setdefault("errors", {})[row_name] = err
         if "loop" in models:
-            err = guarded("loop", lambda: measure("loop/eager", models["loop"], False))
+            err = guarded("loop", lambda: measure("loop/eager", models["loop"], False, MixsePath()))
             if err:
                 row.setdefault("errors", {})["loop/eager"] = err
         cache = None

@@ -1,7 +1,7 @@
 """Where the time goes: device kernels per decoder layer and their time, from torch.profiler.
 
 Profiles one eager decode step (batch 1) and one prefill forward of the base, MiXSE's fast path
-(the default epilogue and each other one in ``ADD_INTO``) and its reference path; reports
+(the default, each other epilogue, torch routing) and its reference path; reports
 kernels per layer and the kernels MiXSE adds, by name.
 """
 
@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import Context, cli_main, table
 from benchmarks.decode import DecodeRunner
-from benchmarks.variants import make_mixse
-from selfmoe.models.mixse import ADD_INTO, GatedLoraLinear, RouterSettings
+from benchmarks.variants import MixsePath, make_mixse, mixse_paths
+from selfmoe.models.mixse import RouterSettings
 
 
 def kernel_profile(fn, device: torch.device) -> dict[str, Any]:
@@ -49,23 +49,19 @@ def run(ctx: Context) -> dict[str, Any]:
     mixse = make_mixse(ctx.model, ctx.experts, RouterSettings(top_k=s.top_k))
     ids = ctx.input_ids(s.prefill_batch, s.prefill_len)  # the E1 forward
     out: dict[str, Any] = {"layers": layers}
-    default = GatedLoraLinear.add_into
+    variants = {"base": (ctx.model, MixsePath())} | {k: (mixse, p) for k, p in mixse_paths().items()}
     for phase in ("decode", "prefill"):
         rows = {}
-        variants = [("base", ctx.model, True, default), ("mixse", mixse, True, default)]
-        variants += [(f"mixse-add{e}", mixse, True, e) for e in ADD_INTO if e != default]
-        variants.append(("mixse-ref", mixse, False, default))
-        for name, model, fast, add_into in variants:
-            mixse.mixse.fast, GatedLoraLinear.add_into = fast, add_into
-            if phase == "decode":
-                runner = DecodeRunner(model, 1, s.decode_context, max_steps=8)
-                prof = kernel_profile(runner.step, ctx.device)
-            else:
-                prof = kernel_profile(lambda m=model: _forward(m, ids), ctx.device)
+        for name, (model, path) in variants.items():
+            with path.on(model):
+                if phase == "decode":
+                    runner = DecodeRunner(model, 1, s.decode_context, max_steps=8)
+                    prof = kernel_profile(runner.step, ctx.device)
+                else:
+                    prof = kernel_profile(lambda m=model: _forward(m, ids), ctx.device)
             prof["kernels_per_layer"] = prof["kernels"] / layers
             rows[name] = prof
-        mixse.mixse.fast, GatedLoraLinear.add_into = True, default
-        for name in (v[0] for v in variants[1:]):
+        for name in list(variants)[1:]:
             extra_ms = Counter(rows[name]["ms_by_name"])
             extra_ms.subtract(rows["base"]["ms_by_name"])
             rows[name]["extra_ms_by_name"] = {k: round(v, 4) for k, v in extra_ms.most_common(25)}

@@ -1,7 +1,9 @@
 """The models a benchmark compares, all on one base model's weights, and the numerics checks.
 
 - ``base``: the base model itself.
-- ``mixse``: MiXSE (fast path); ``mixse-ref`` is the same model on its reference path.
+- ``mixse``: MiXSE (fast path); the same model also runs as ``mixse-add<epilogue>`` (each other
+  epilogue), ``mixse-torchrouting`` (routing in torch, not the fused kernel) and ``mixse-ref``
+  (its reference path): :func:`mixse_paths`.
 - ``loop``: a Mixtral-style per-expert loop over the same router and experts (gather each
   expert's tokens, run its LoRA, scatter-add): data-dependent shapes and a host sync per expert.
 - ``xlora``: PEFT's own X-LoRA (the paper's tool) over the same adapters, ``top_k_lora`` set.
@@ -10,6 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,42 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.shapes import shared_copy
-from selfmoe.models.mixse import Expert, GatedLoraLinear, RouterSettings, build_mixse
+from selfmoe.models.mixse import ADD_INTO, Expert, GatedLoraLinear, RouterSettings, build_mixse
+
+
+@dataclass(frozen=True)
+class MixsePath:
+    """One way of running a MiXSE model: its fast or reference path, the epilogue, the routing kernel."""
+
+    fast: bool = True
+    add_into: str | None = None  # None: GatedLoraLinear's default
+    fused_routing: bool = True
+
+    @contextmanager
+    def on(self, model: nn.Module) -> Iterator[None]:
+        """Run ``model`` on this path inside the block (a model without MiXSE is left alone)."""
+        mixse = getattr(model, "mixse", None)
+        default = GatedLoraLinear.add_into
+        if mixse is not None:
+            mixse.fast, mixse.fused_routing = self.fast, self.fused_routing
+            GatedLoraLinear.add_into = self.add_into or default  # class-wide; graphs record it at capture
+        try:
+            yield
+        finally:
+            GatedLoraLinear.add_into = default
+            if mixse is not None:
+                mixse.fast, mixse.fused_routing = True, True
+
+
+def mixse_paths(*, routing: bool = True) -> dict[str, MixsePath]:
+    """The MiXSE variants a benchmark times: the default, each other epilogue, torch routing
+    (without ``routing``: autograd never takes the kernel) and the reference path."""
+    paths = {"mixse": MixsePath()}
+    paths |= {f"mixse-add{e}": MixsePath(add_into=e) for e in ADD_INTO if e != GatedLoraLinear.add_into}
+    if routing:
+        paths["mixse-torchrouting"] = MixsePath(fused_routing=False)
+    paths["mixse-ref"] = MixsePath(fast=False)
+    return paths
 
 
 def make_mixse(base: nn.Module, experts: list[Expert], settings: RouterSettings, *, router_seed: int = 0) -> nn.Module:
