@@ -7,6 +7,7 @@ is over iterations and a slow outlier (a page fault, another tenant) does not mo
 from __future__ import annotations
 
 import statistics
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -92,18 +93,28 @@ def time_fn(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], *, device: torch.device | str, iters: int = MIN_ITERS, warmup: int = 3
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device | str,
+    iters: int = MIN_ITERS,
+    warmup: int = 3,
+    seed: int = 0,
 ) -> dict[str, Timing]:
-    """Time several variants round-robin (a, b, c, a, b, c, ...): slow drifts in clocks or
-    temperature hit every variant alike, so their ratios stay fair. Each call is timed alone."""
+    """Time several variants round-robin, each round in a fresh seeded random order: slow drifts
+    in clocks or temperature hit every variant alike, and no variant always follows the same one
+    (on the H200 the variant timed right after the base measured up to 2 % slower, an allocator
+    or clock effect of the switch; docs/performance.md), so their ratios stay fair. Each call is
+    timed alone."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     cuda = torch.device(device).type == "cuda"
     marks: dict[str, list[Any]] = {name: [] for name in fns}
+    rng = random.Random(seed)
     for _ in range(iters):
-        for name, fn in fns.items():
+        for name in rng.sample(list(fns), len(fns)):
+            fn = fns[name]
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

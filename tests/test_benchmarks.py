@@ -23,7 +23,7 @@ from benchmarks.roofline import (
     weight_bytes_per_step,
 )
 from benchmarks.shapes import TARGETS, build_model, describe, random_experts, shared_copy, write_adapter
-from benchmarks.timing import Timing, ratio, time_fn
+from benchmarks.timing import Timing, ratio, time_fn, time_interleaved
 from benchmarks.variants import compare_logits, copy_router_into_xlora, make_loop, make_mixse, make_xlora
 from selfmoe.models.mixse import GatedLoraLinear, LinearGroup, RouterSettings, build_mixse, read_expert
 
@@ -350,6 +350,18 @@ def test_timing_median_and_ratio():
     calls = []
     out = time_fn(lambda: calls.append(1), device="cpu", iters=20, warmup=3)
     assert out.iters == 20 and len(calls) == 23
+
+
+def test_round_robin_shuffles_so_no_variant_always_follows_the_same_one():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abcd"}
+    timings = time_interleaved(fns, device="cpu", iters=12, warmup=1)
+    assert "".join(calls[:4]) == "abcd"  # the warm-up, in order
+    rounds = ["".join(calls[i : i + 4]) for i in range(4, len(calls), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)  # each variant once per round
+    predecessors = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in "abcd"}
+    assert all(len(p) >= 2 for p in predecessors.values()), predecessors
+    assert {n: t.iters for n, t in timings.items()} == dict.fromkeys("abcd", 12)
 
 
 def test_compare_logits_by_hand():
