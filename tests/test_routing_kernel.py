@@ -163,6 +163,10 @@ def test_the_kernel_is_left_out_under_autograd_on_the_reference_path_and_above_t
     with torch.no_grad():
         model(input_ids=ids)
     assert len(spy) == len(model.mixse.slots)
+    empty = torch.zeros(2, 0, model.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        assert model.mixse.route(empty, 0).shape == (2, 0, 3)  # no tokens: no launch
+    assert len(spy) == len(model.mixse.slots)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or routing_kernel.triton is None, reason="needs a GPU")

@@ -506,7 +506,7 @@ class MiXSE(nn.Module):
         """``(probs, gates)`` from the Triton routing kernel, which also fills the layer's column
         gates; None where it does not apply (autograd, a CPU, many tokens, switched off)."""
         slot, weight = self.slots[layer], self.router.layer_weight(layer)
-        few = hidden.numel() <= self.fused_routing_max_tokens * hidden.shape[-1]
+        few = 0 < hidden.numel() <= self.fused_routing_max_tokens * hidden.shape[-1]  # a launch needs a token
         if not (self.fused_routing and few and slot.fast and slot.columns_of is not None):
             return None
         if not routing_kernel.available(hidden, weight):
