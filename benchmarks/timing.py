@@ -6,8 +6,8 @@ is over iterations and a slow outlier (a page fault, another tenant) does not mo
 
 from __future__ import annotations
 
-import statistics
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
