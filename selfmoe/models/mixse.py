@@ -44,7 +44,7 @@ from selfmoe.errors import DataError, SelfMoEError
 from selfmoe.models import routing_kernel
 from selfmoe.models.adapter import ADAPTER_FILES, check_fits, read_lora
 from selfmoe.models.base import decoder_layers
-from selfmoe.models.router import GateSpec, Router, gates_from_logits
+from selfmoe.models.router import GateSpec, Router, gates_from_logits, tracks_grad
 
 ROUTER_FILE, EXPERTS_FILE, MIXSE_FILE = "router.safetensors", "experts.safetensors", "mixse.json"
 FORMAT_VERSION = 1
@@ -157,7 +157,7 @@ class RoutingSlot:
         if cached is not None:
             return cached
         picked = gates.index_select(-1, module.column_expert)  # (..., R) float32
-        if torch.is_grad_enabled() and gates.requires_grad:
+        if tracks_grad(gates):
             cached = (picked * module.column_scale).to(dtype)
         else:
             # One kernel: multiply in float32 and round once into the compute dtype, as the reference path does.
@@ -294,7 +294,7 @@ class LinearGroup:
         if member == self.leader:
             h = hg[:, member * r : (member + 1) * r]
             out = y[:, :lead_out]
-            if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad):
+            if tracks_grad(out, h):
                 out = torch.addmm(out, h, module.lora_B.t())  # in place would bump the version autograd saved
             else:
                 out.addmm_(h, module.lora_B.t())  # the expand accumulates onto the leader's outputs (beta=1)

@@ -113,6 +113,11 @@ class Router(nn.Module):
         return F.linear(hidden.float(), w.float())
 
 
+def tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any([t.requires_grad for t in tensors])  # a list: no generator to trace
+
+
 def low_precision_logits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether router logits may come from a half-precision GEMM with float32 output.
 
@@ -124,5 +129,5 @@ def low_precision_logits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
         hidden.is_cuda
         and hidden.dtype in (torch.bfloat16, torch.float16)
         and not torch.is_autocast_enabled(hidden.device.type)
-        and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+        and not tracks_grad(hidden, weight)
     )

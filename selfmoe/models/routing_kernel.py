@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from selfmoe.models.router import tracks_grad
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,7 @@ def available(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`fused_route` may route ``hidden``: Triton present, a GPU (or the interpreter), no autograd."""
     if triton is None or not (hidden.is_cuda or INTERPRET):
         return False
-    return not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    return not tracks_grad(hidden, weight)
 
 
 def fused_route(
