@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import Settings, environment, make_context, parser, table, write_json
 from benchmarks.timing import ratio, time_interleaved
-from benchmarks.variants import compare_logits, make_mixse
+from benchmarks.variants import MixsePath, compare_logits, make_mixse
 from selfmoe.models.mixse import RouterSettings
 
 
@@ -27,11 +27,8 @@ def run(settings: Settings, tokens: int = 128) -> dict[str, Any]:
         return model(input_ids=ids).logits
 
     def reference() -> torch.Tensor:
-        mixse.mixse.fast = False
-        try:
+        with MixsePath(fast=False).on(mixse):
             return forward(mixse)
-        finally:
-            mixse.mixse.fast = True
 
     # Round-robin: on a shared machine, load from other processes hits every variant alike.
     variants = {"base": lambda: forward(ctx.model), "mixse": lambda: forward(mixse), "mixse-ref": reference}

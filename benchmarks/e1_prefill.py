@@ -106,14 +106,13 @@ def run(ctx: Context) -> dict[str, Any]:
             g.reset()
         del graphed
 
-    fast = logits(mixse, check)
-    with paths["mixse-ref"].on(mixse):
-        reference = logits(mixse, check)
+    on_path = {}
     for name, path in paths.items():
-        if path.fast:
-            with path.on(mixse):
-                out_logits = logits(mixse, check)
-            numerics[f"{name.replace('-', '_')}_vs_reference_path"] = compare_logits(out_logits, reference)
+        with path.on(mixse):
+            on_path[name] = logits(mixse, check)
+    fast, reference = on_path["mixse"], on_path.pop("mixse-ref")
+    for name, out_logits in on_path.items():
+        numerics[f"{name.replace('-', '_')}_vs_reference_path"] = compare_logits(out_logits, reference)
     numerics["mixse_vs_base"] = compare_logits(fast, logits(ctx.model, check))  # the experts do change the output
     # The bf16 noise floor: the same base model and tokens, computed alone vs inside a batch of two
     # (other GEMM tilings and summation orders). Differences of this size are rounding, not bugs.
