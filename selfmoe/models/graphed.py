@@ -25,7 +25,8 @@ Python-level state read during the forward is therefore frozen at capture:
   graph memory that the next replay overwrites, so those forwards run eagerly.
 
 MiXSE's per-layer caches are rebuilt inside each forward, which makes them safe to capture. The
-layer pre-hook sets ``slot.gates``, which clears the column gates, and ``LinearGroup`` matches
+layer pre-hook sets new ``slot.gates``, and the column-gate cache belongs to the gates it was
+computed from (by identity; the routing kernel fills it with them), and ``LinearGroup`` matches
 inputs by identity within one forward. Neither carries tensors from one call to the next, so the
 captured kernels recompute them on every replay.
 """
