@@ -29,8 +29,9 @@ FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def torch_routing(hidden, weight, spec, column_expert, column_scale, dtype):
-    """The reference: float32 logits, ``gates_from_logits``, then column gates rounded once."""
-    probs, gates = gates_from_logits(F.linear(hidden.float(), weight.float()), spec)
+    """The reference: float32 logits from the weights rounded to the hidden states' dtype (the
+    GPU router's operands), ``gates_from_logits``, then column gates rounded once."""
+    probs, gates = gates_from_logits(F.linear(hidden.float(), weight.to(hidden.dtype).float()), spec)
     return probs, gates, (gates.index_select(-1, column_expert) * column_scale).to(dtype)
 
 
@@ -46,7 +47,9 @@ CASES = {
     "decode-b1": (1, 4, 4096, 1, False, 1.0, torch.bfloat16),
     "decode-b8-top2-renorm-temp": (8, 4, 256, 2, True, 0.7, torch.bfloat16),
     "dense-fp16": (5, 3, 100, None, False, 1.0, torch.float16),
-    "prefill-blocks-fp32": (300, 4, 192, 1, False, 1.0, torch.float32),  # 8 tokens per program, a ragged last block
+    # Each launch configuration of routing_kernel._launch_config, with a ragged last block.
+    "scoring-wide-blocks-fp32": (301, 4, 192, 1, False, 1.0, torch.float32),  # 4 tokens a program
+    "long-prefill-narrow-blocks": (4099, 4, 40, 2, True, 1.0, torch.bfloat16),  # 8 tokens a program
     "sixteen-experts": (9, 16, 72, 2, False, 1.3, torch.bfloat16),
     "one-expert": (3, 1, 64, 1, False, 1.0, torch.bfloat16),
 }
@@ -145,7 +148,7 @@ def test_mixse_with_the_kernel_equals_torch_routing(settings, add_into, spy, mon
 
 
 @needs_kernel
-def test_the_kernel_is_left_out_under_autograd_on_the_reference_path_and_above_the_token_limit(spy):
+def test_the_kernel_is_left_out_under_autograd_and_autocast_on_the_reference_path_and_when_off(spy):
     base = build_model("tiny", DEVICE, torch.float32, seed=0)
     model = build_mixse(base, mixed_experts(base), RouterSettings())
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -159,9 +162,13 @@ def test_the_kernel_is_left_out_under_autograd_on_the_reference_path_and_above_t
     with torch.no_grad():
         model(input_ids=ids)
     assert len(spy) == len(model.mixse.slots)
-    model.mixse.fused_routing_max_tokens = ids.numel() - 1  # scoring many tokens: torch's routing
+    model.mixse.fused_routing = False
     with torch.no_grad():
         model(input_ids=ids)
+    assert len(spy) == len(model.mixse.slots)
+    model.mixse.fused_routing = True
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(input_ids=ids)  # autocast rounds the hidden states too: torch's routing does that
     assert len(spy) == len(model.mixse.slots)
     empty = torch.zeros(2, 0, model.config.hidden_size, device=DEVICE)
     with torch.no_grad():

@@ -459,10 +459,6 @@ def _group_linears(gated: dict[str, GatedLoraLinear]) -> None:
 class MiXSE(nn.Module):
     """The router(s) and routing state of a MiXSE model, registered at ``model.mixse``."""
 
-    # Measured on the H200 (docs/performance.md): the kernel wins while decoding (up to 128
-    # tokens) and loses about 1 % to torch's chain of kernels when scoring 2,048 tokens.
-    fused_routing_max_tokens = 128
-
     def __init__(self, experts: list[str], hidden_size: int, num_layers: int, settings: RouterSettings) -> None:
         super().__init__()
         self.experts = list(experts)
@@ -476,8 +472,7 @@ class MiXSE(nn.Module):
             if name not in self.experts:
                 raise SelfMoEError(f"router.mode={settings.mode!r}: no expert {name!r}; experts are {self.experts}.")
             self.fixed = self.experts.index(name)
-        # The Triton routing kernel where it applies (GPU inference, learned router, calls of at
-        # most fused_routing_max_tokens tokens); False: torch.
+        # The Triton routing kernel where it applies (GPU inference, learned router); False: torch.
         self.fused_routing = True
         self.record = False
         self.records: list[RoutingRecord | None] = [None] * num_layers
@@ -504,10 +499,9 @@ class MiXSE(nn.Module):
 
     def _fused_route(self, hidden: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(probs, gates)`` from the Triton routing kernel, which also fills the layer's column
-        gates; None where it does not apply (autograd, a CPU, many tokens, switched off)."""
+        gates; None where it does not apply (autograd, autocast, a CPU, no tokens, switched off)."""
         slot, weight = self.slots[layer], self.router.layer_weight(layer)
-        few = 0 < hidden.numel() <= self.fused_routing_max_tokens * hidden.shape[-1]  # a launch needs a token
-        if not (self.fused_routing and few and slot.fast and slot.columns_of is not None):
+        if not (self.fused_routing and hidden.numel() and slot.fast and slot.columns_of is not None):
             return None
         if not routing_kernel.available(hidden, weight):
             return None
