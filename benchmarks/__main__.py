@@ -1,7 +1,8 @@
 """``python -m benchmarks``: every benchmark in one run, one JSON file (what docs/performance.md reports).
 
-The primary shape (Llama-3-8B) runs E1-E5 and the kernel profile; the secondary (Gemma-7B) runs
-the parts named by ``--secondary-parts`` (E1 and E4 by default, no peers). Ceilings (copy
+The primary shape (Llama-3-8B) runs E1-E5, the kernel profile and the routing kernel by token
+count; the secondary (Gemma-7B) runs the parts named by ``--secondary-parts`` (E1 and E4 by
+default, no peers). Ceilings (copy
 bandwidth, matmul rate) are measured first and used by every roofline. Results are written after
 each part, so a failure late in the run keeps the earlier numbers.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import e1_prefill, e2_router, e3_expert, e4_decode, e5_selfgen, kernels
+from benchmarks import e1_prefill, e2_router, e3_expert, e4_decode, e5_selfgen, kernels, routing
 from benchmarks.common import (
     Settings,
     apply_cli_args,
@@ -29,7 +30,7 @@ from benchmarks.common import (
 )
 from benchmarks.roofline import Ceilings, measure_ceilings
 
-PARTS = ("e1", "e4", "e2", "e3", "kernels", "e5")
+PARTS = ("e1", "e4", "e2", "e3", "kernels", "routing", "e5")
 
 
 def run_parts(settings: Settings, parts: list[str], ceilings: Ceilings | None, results: dict, out: Path | None) -> None:
@@ -45,9 +46,10 @@ def run_parts(settings: Settings, parts: list[str], ceilings: Ceilings | None, r
         "e4": lambda: e4_decode.run(ctx, bytes_per_s=bw),
         "e5": lambda: e5_selfgen.run(ctx, bytes_per_s=bw),
         "kernels": lambda: kernels.run(ctx),
+        "routing": lambda: routing.run(ctx),
     }
     shows = {"e1": e1_prefill.show, "e2": e2_router.show, "e3": e3_expert.show, "e4": e4_decode.show}
-    shows |= {"e5": e5_selfgen.show, "kernels": kernels.show}
+    shows |= {"e5": e5_selfgen.show, "kernels": kernels.show, "routing": routing.show}
     for part in parts:
         t0 = time.perf_counter()
         shape[part] = result = guarded(part, calls[part])

@@ -505,3 +505,26 @@ def test_e1_quick_on_gpu_times_graph_replays_equal_to_eager(tmp_path):
         # bf16, and the replay pads 16 tokens to a bucket of 128: rounding only, far below the
         # 4 % noise floor of docs/performance.md.
         assert check["rel_l2"] < 0.02, (name, check)
+
+
+def routing_quick(device: str, tmp_path):
+    from benchmarks import routing
+    from benchmarks.common import Settings, make_context, quick
+
+    return routing.run(make_context(quick(Settings(device=device)), tmp_path))
+
+
+def test_routing_benchmark_needs_a_gpu(tmp_path):
+    assert routing_quick("cpu", tmp_path) == {"note": "GPU only: device time from CUDA graph replay"}
+
+
+@pytest.mark.gpu
+def test_routing_benchmark_times_kernel_and_torch_on_the_same_columns(tmp_path):
+    from benchmarks import routing
+
+    result = routing_quick("cuda", tmp_path)
+    assert set(result["by_tokens"]) == set(routing.TOKENS)
+    for row in result["by_tokens"].values():
+        assert row["read_us"] > 0 and row["torch_us"] > 0 and row["kernel_us"] > 0
+        # The same experts for every token but near-ties of the summation order (random hidden states).
+        assert row["tokens_routed_apart"] < 0.01, row
