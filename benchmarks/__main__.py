@@ -2,9 +2,9 @@
 
 The primary shape (Llama-3-8B) runs E1-E5, the kernel profile and the routing kernel by token
 count; the secondary (Gemma-7B) runs the parts named by ``--secondary-parts`` (E1 and E4 by
-default, no peers). Ceilings (copy
-bandwidth, matmul rate) are measured first and used by every roofline. Results are written after
-each part, so a failure late in the run keeps the earlier numbers.
+default, no peers). Ceilings (copy bandwidth, matmul rate) are measured first and used by every
+roofline. Results are written after each part, so a failure late in the run keeps the earlier
+numbers.
 """
 
 from __future__ import annotations

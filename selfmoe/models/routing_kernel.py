@@ -37,7 +37,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it when th
 
 
 def available(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`fused_route` may route ``hidden``: Triton present, a GPU (or the interpreter), no autograd."""
+    """Whether :func:`fused_route` may route ``hidden``: Triton present, a GPU (or the interpreter),
+    no autograd, no autocast."""
     if triton is None or not (hidden.is_cuda or INTERPRET):
         return False
     if torch.is_autocast_enabled(hidden.device.type):
