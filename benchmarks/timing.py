@@ -102,9 +102,9 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time several variants round-robin, each round in a fresh seeded random order: slow drifts
     in clocks or temperature hit every variant alike, and no variant always follows the same one
-    (on the H200 the variant timed right after the base measured up to 2 % slower, an allocator
-    or clock effect of the switch; docs/performance.md), so their ratios stay fair. Each call is
-    timed alone."""
+    (on the H200 the variant timed right after the base measured up to 2 % slower, likely the
+    host's lead over the device that the base leaves behind; docs/performance.md), so their ratios
+    stay fair. Each call is timed alone."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

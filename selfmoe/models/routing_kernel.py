@@ -70,12 +70,13 @@ def fused_route(
     probs = torch.empty(tokens, n, device=rows.device, dtype=torch.float32)
     gates = torch.empty_like(probs)
     cols = torch.empty(tokens, columns, device=rows.device, dtype=column_dtype)
-    block_t, block_h, accumulate, warps = _launch_config(tokens, triton.next_power_of_2(n))
+    block_n = triton.next_power_of_2(n)
+    block_t, block_h, accumulate, warps = _launch_config(tokens, block_n)
     _route_kernel[(triton.cdiv(tokens, block_t),)](
         rows, weight, column_expert, column_scale, probs, gates, cols,
         tokens, width, n, columns, rows.stride(0), float(temperature),
         TOP_K=min(top_k, n), DENSE=top_k >= n, RENORMALIZE=renormalize,
-        BLOCK_T=block_t, BLOCK_N=triton.next_power_of_2(n), BLOCK_H=block_h, ACCUMULATE=accumulate,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_H=block_h, ACCUMULATE=accumulate,
         BLOCK_R=triton.next_power_of_2(columns), num_warps=warps,
     )  # fmt: skip
     lead = hidden.shape[:-1]
